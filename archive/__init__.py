@@ -1,0 +1,1 @@
+"""What capture and replay share: the archive's table layout, its SQL and the AMQP message codec."""

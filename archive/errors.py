@@ -1,0 +1,25 @@
+"""The few error types the archive's callers handle; driver exceptions are translated into these."""
+
+
+class ArchiveError(Exception):
+    """Base of the errors rabbit-archive reports in one line."""
+
+    exit_code = 1
+
+
+class DatabaseUnavailable(ArchiveError):
+    """PostgreSQL cannot be reached or refused the connection."""
+
+
+class BrokerUnavailable(ArchiveError):
+    """RabbitMQ (AMQP or the management API) cannot be reached."""
+
+
+class UsageError(ArchiveError):
+    """The operator asked for something that cannot be done as asked."""
+
+    exit_code = 2
+
+
+class QueueMismatch(UsageError):
+    """The archive queue exists with arguments other than the configured ones."""

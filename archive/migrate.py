@@ -1,0 +1,78 @@
+"""Applies the numbered migrations in archive/migrations/ under an advisory lock."""
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from archive.db import Connection
+
+# One lock id for the whole product: replicas starting together take turns.
+MIGRATION_LOCK_ID = 0x7261626269740001
+_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS rabbit_archive;
+CREATE TABLE IF NOT EXISTS rabbit_archive.schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered SQL file."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """Every migration shipped with the package, in order."""
+    found = []
+    for entry in resources.files("archive").joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    return sorted(found, key=lambda migration: migration.version)
+
+
+def latest_version() -> int:
+    """The schema version this code expects."""
+    return migrations()[-1].version
+
+
+async def apply_migrations(connection: Connection) -> list[int]:
+    """Bring the schema up to date; returns the versions applied now (empty when current)."""
+    applied_now = []
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+        await connection.execute(_BOOTSTRAP)
+        done = {
+            row["version"]
+            for row in await connection.fetch("SELECT version FROM rabbit_archive.schema_migrations")
+        }
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            await connection.execute(migration.sql)
+            await connection.execute(
+                "INSERT INTO rabbit_archive.schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+            applied_now.append(migration.version)
+    return applied_now
+
+
+async def schema_version(connection: Connection) -> int | None:
+    """The newest applied migration, or None when the schema was never applied."""
+    exists = await connection.fetchval("SELECT to_regclass('rabbit_archive.schema_migrations') IS NOT NULL")
+    if not exists:
+        return None
+    version: int | None = await connection.fetchval(
+        "SELECT max(version) FROM rabbit_archive.schema_migrations"
+    )
+    return version

@@ -1,0 +1,138 @@
+"""The archive row of a message: which columns the messages table has and how a delivery fills them."""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from archive.amqp_codec import (
+    PROPERTY_NAMES,
+    CodecError,
+    Properties,
+    decode_properties,
+    strip_header,
+    table_json_view,
+    text_view,
+)
+
+# Column order of the COPY into rabbit_archive.messages (id and captured_at take defaults).
+MESSAGE_COLUMNS = (
+    "vhost",
+    "exchange",
+    "routing_key",
+    "exchange_raw",
+    "routing_key_raw",
+    "redelivered",
+    "properties_raw",
+    "properties",
+    "headers",
+    "message_id",
+    "correlation_id",
+    "body",
+    "body_size",
+    "replay_id",
+)
+
+# Added by a quorum queue when it redelivers: a property of the archive queue, not the message.
+DELIVERY_COUNT_HEADER = b"x-delivery-count"
+REPLAY_ID_HEADER = b"x-replay-id"
+
+_SCALAR_PROPERTIES = tuple(name for name in PROPERTY_NAMES if name != "headers")
+
+
+def name_columns(name: str) -> tuple[str, bytes | None]:
+    """Text view and, when the text cannot hold it exactly, the raw bytes of an AMQP short string."""
+    if name.isascii() and "\x00" not in name:
+        return name, None
+    # pamqp decodes short strings as UTF-8; surrogateescape gives back any undecodable bytes.
+    raw = name.encode("utf-8", "surrogateescape")
+    view = text_view(raw)
+    return view, (raw if view != name or "\x00" in name else None)
+
+
+def properties_view(props: Properties) -> dict[str, Any]:
+    """JSON view of the basic properties other than headers, keyed by their AMQP spec names."""
+    view: dict[str, Any] = {}
+    for name in _SCALAR_PROPERTIES:
+        value = getattr(props, name)
+        if value is None:
+            continue
+        if isinstance(value, bytes):
+            view[name] = text_view(value)
+        elif name == "timestamp":
+            view[name] = timestamp_view(value)
+        else:
+            view[name] = value
+    return view
+
+
+def timestamp_view(seconds: int) -> str | int:
+    """ISO 8601 form of an AMQP timestamp, or the integer when no calendar date can hold it."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return seconds
+
+
+def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: bytes, body: bytes) -> bytes:
+    """A 16-byte digest of everything that makes a message itself, for recognising redeliveries."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (
+        vhost.encode("utf-8", "surrogateescape"),
+        exchange.encode("utf-8", "surrogateescape"),
+        routing_key.encode("utf-8", "surrogateescape"),
+        properties_raw,
+    ):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    digest.update(body)
+    return digest.digest()
+
+
+def clean_properties(properties_raw: bytes) -> bytes:
+    """The message's own property bytes: the archive queue's x-delivery-count removed."""
+    return strip_header(properties_raw, DELIVERY_COUNT_HEADER)
+
+
+def message_row(
+    vhost: str,
+    exchange: str,
+    routing_key: str,
+    redelivered: bool,
+    properties_raw: bytes,
+    body: bytes,
+) -> tuple[Any, ...]:
+    """The COPY record for one message, in MESSAGE_COLUMNS order."""
+    exchange_text, exchange_raw = name_columns(exchange)
+    routing_key_text, routing_key_raw = name_columns(routing_key)
+    try:
+        props = decode_properties(properties_raw)
+    except CodecError as error:
+        # The raw bytes are still stored; the views say why they are empty.
+        props = Properties()
+        properties_json = json.dumps({"$undecodable": str(error)})
+    else:
+        properties_json = json.dumps(properties_view(props), ensure_ascii=False)
+    headers_json = None
+    replay_id = None
+    if props.headers is not None:
+        headers_json = json.dumps(table_json_view(props.headers), ensure_ascii=False)
+        for key, (_type_code, value) in props.headers:
+            if key == REPLAY_ID_HEADER and isinstance(value, bytes):
+                replay_id = text_view(value)
+    return (
+        vhost,
+        exchange_text,
+        routing_key_text,
+        exchange_raw,
+        routing_key_raw,
+        redelivered,
+        properties_raw,
+        properties_json,
+        headers_json,
+        text_view(props.message_id) if props.message_id is not None else None,
+        text_view(props.correlation_id) if props.correlation_id is not None else None,
+        body,
+        len(body),
+        replay_id,
+    )

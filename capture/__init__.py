@@ -1,0 +1,1 @@
+"""The capture daemon: binds the archive queue to the broker's exchanges and stores what arrives."""

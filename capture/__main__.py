@@ -1,0 +1,5 @@
+"""`python -m capture` is `rabbit-capture`."""
+
+from capture.cli import app
+
+app()

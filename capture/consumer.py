@@ -1,0 +1,311 @@
+"""The capture loop of one vhost: consume the archive queue, write batches, acknowledge after commit."""
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any, cast
+
+import aiormq
+import aiormq.abc
+from pamqp import commands
+
+from archive.errors import BrokerUnavailable, DatabaseUnavailable, QueueMismatch, UsageError
+from capture import content_header
+from capture.batching import Batcher, Delivery
+from capture.discovery import BindingKeeper
+from capture.health import Health
+from capture.metrics import CaptureMetrics
+from capture.store import ArchiveStore
+from config.settings import Settings, mask_url
+
+log = logging.getLogger("rabbit_archive.capture")
+
+# Errors that end a broker session; the supervisor reconnects after a backoff.
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    BrokerUnavailable,
+    TimeoutError,
+)
+
+
+class Backoff:
+    """Exponential delays with jitter between reconnection attempts."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def next(self) -> float:
+        """The delay before the next attempt."""
+        delay = self._next
+        self._next = min(self._cap, self._next * 2)
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        """Start again from the shortest delay (after a success)."""
+        self._next = self._first
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, returning early when stop is set."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
+        pass
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any]:
+    """The archive queue's arguments; they cannot change once the queue exists."""
+    arguments: dict[str, Any] = {"x-queue-type": settings.queue_type}
+    if settings.single_active_consumer:
+        arguments["x-single-active-consumer"] = True
+    if settings.queue_max_bytes is not None:
+        arguments["x-max-length-bytes"] = settings.queue_max_bytes
+        arguments["x-overflow"] = "drop-head"
+    return arguments
+
+
+async def declare_archive_queue(channel: aiormq.abc.AbstractChannel, settings: Settings, vhost: str) -> None:
+    """Declare the durable archive queue, explaining a clash with an existing one in one line."""
+    try:
+        await channel.queue_declare(settings.queue, durable=True, arguments=queue_arguments(settings))
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        raise QueueMismatch(
+            f"queue {settings.queue!r} in vhost {vhost!r} exists with other arguments "
+            f"({_reply_text(error)}); delete it (rabbitmqctl delete_queue -p {vhost} "
+            f"{settings.queue}) after draining it, or set RABBIT_ARCHIVE_QUEUE to a new name"
+        ) from None
+    except aiormq.exceptions.ChannelAccessRefused as error:
+        raise UsageError(
+            f"the broker refused to declare queue {settings.queue!r} in vhost {vhost!r} "
+            f"({_reply_text(error)}): the user needs configure and read permission on it"
+        ) from None
+
+
+def _reply_text(error: BaseException) -> str:
+    for argument in getattr(error, "args", ()):
+        text = getattr(argument, "reply_text", None)
+        if text:
+            return str(text)
+    return str(error)
+
+
+class VhostCapture:
+    """Captures one vhost for the daemon's life, reconnecting whenever the broker goes away."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        vhost: str,
+        store: ArchiveStore,
+        metrics: CaptureMetrics,
+        health: Health,
+        stop: asyncio.Event,
+        bindings: BindingKeeper,
+    ) -> None:
+        self._settings = settings
+        self._vhost = vhost
+        self._store = store
+        self._metrics = metrics
+        self._health = health
+        self._stop = stop
+        self._bindings = bindings
+        self._url = settings.amqp_url_for(vhost)
+        # Batches committed and acknowledged (with the ack fenced) whose fingerprints can go.
+        self._forget: list[int] = []
+
+    async def run(self) -> None:
+        """Keep a broker session going until stop is set; return after the final flush."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                await self._session()
+            except (QueueMismatch, UsageError):
+                raise
+            except BROKER_ERRORS as error:
+                self._metrics.errors.labels("broker").inc()
+                log.warning(
+                    "broker_session_lost",
+                    extra={"vhost": self._vhost, "error": _describe(error)},
+                )
+            if time.monotonic() - started > 30:
+                backoff.reset()
+            if not self._stop.is_set():
+                await sleep_unless(self._stop, backoff.next())
+
+    async def _session(self) -> None:
+        try:
+            connection = await asyncio.wait_for(
+                aiormq.connect(
+                    self._url,
+                    client_properties={"connection_name": f"rabbit-capture {self._vhost}"},
+                ),
+                timeout=15,
+            )
+        except BROKER_ERRORS as error:
+            raise BrokerUnavailable(f"cannot connect to {mask_url(self._url)}: {_describe(error)}") from error
+        try:
+            channel = await connection.channel()
+            await declare_archive_queue(channel, self._settings, self._vhost)
+            await channel.basic_qos(prefetch_count=self._settings.prefetch)
+            log.info(
+                "consuming",
+                extra={"vhost": self._vhost, "queue": self._settings.queue, "url": mask_url(self._url)},
+            )
+            async with asyncio.TaskGroup() as group:
+                group.create_task(
+                    self._bindings.keep(connection, self._vhost, self._stop),
+                    name=f"bindings:{self._vhost}",
+                )
+                group.create_task(self._consume(channel), name=f"consume:{self._vhost}")
+        except* (QueueMismatch, UsageError) as errors:
+            raise errors.exceptions[0] from None
+        except* BROKER_ERRORS as errors:
+            raise errors.exceptions[0] from None
+        finally:
+            self._health.set_consuming(self._vhost, False)
+            self._metrics.connected.labels(self._vhost).set(0)
+            if not connection.is_closed:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await asyncio.wait_for(connection.close(), timeout=5)
+
+    async def _consume(self, channel: aiormq.abc.AbstractChannel) -> None:
+        settings = self._settings
+        batcher = Batcher(settings.batch_size, settings.batch_max_bytes, settings.flush_interval)
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            # The archive consumer only ever receives Basic.Deliver frames.
+            delivery = cast(commands.Basic.Deliver, message.delivery)
+            batcher.add(
+                Delivery(
+                    # Basic.Deliver always carries a tag and a routing key.
+                    delivery.delivery_tag,  # type: ignore[arg-type]
+                    delivery.redelivered,
+                    delivery.exchange,
+                    delivery.routing_key,  # type: ignore[arg-type]
+                    content_header.raw_properties(message.header),
+                    message.body,
+                ),
+                loop.time(),
+            )
+            if batcher.full:
+                wake.set()
+
+        channel.closing.add_done_callback(lambda _: wake.set())
+        consume_ok = await channel.basic_consume(settings.queue, on_message)
+        self._health.set_consuming(self._vhost, True)
+        self._metrics.connected.labels(self._vhost).set(1)
+        idle_since = loop.time()
+        while not self._stop.is_set():
+            if channel.is_closed:
+                raise BrokerUnavailable(f"channel to vhost {self._vhost!r} closed")
+            wait = batcher.wait_time(loop.time())
+            try:
+                # Short waits keep the loop responsive to stop without another task.
+                async with asyncio.timeout(min(wait, 0.2) if wait is not None else 0.2):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+            wake.clear()
+            now = loop.time()
+            if batcher.due(now):
+                await self._flush(channel, batcher)
+                idle_since = now
+            elif self._forget and now - idle_since > settings.flush_interval:
+                await self._forget_fenced()
+        await self._drain(channel, consume_ok.consumer_tag or "", batcher)
+
+    async def _drain(self, channel: aiormq.abc.AbstractChannel, consumer_tag: str, batcher: Batcher) -> None:
+        """Stop consuming, then write and acknowledge everything already delivered."""
+        if channel.is_closed:
+            return
+        await channel.basic_cancel(consumer_tag)
+        # Deliveries that arrived before CancelOk are still queued as callback tasks.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        while len(batcher):
+            await self._flush(channel, batcher)
+        if self._forget:
+            await self._forget_fenced()
+        log.info("drained", extra={"vhost": self._vhost})
+
+    async def _flush(self, channel: aiormq.abc.AbstractChannel, batcher: Batcher) -> None:
+        batch = batcher.take()
+        batch_id = random.getrandbits(63)
+        started = time.perf_counter()
+        result = await self._write_until_stored(channel, batch, batch_id)
+        self._health.set_database_ok(True)
+        elapsed = time.perf_counter() - started
+        # Acknowledge only now that the rows are committed: a crash before this line means
+        # redelivery, recognised by the pending fingerprints.
+        await channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+        # basic.qos is answered only after the broker processed the ack sent before it, so
+        # from here on these messages cannot come back and their fingerprints can go.
+        await channel.basic_qos(prefetch_count=self._settings.prefetch)
+        self._forget = [batch_id]
+        metrics = self._metrics
+        for exchange, count in result.stored_by_exchange.items():
+            metrics.messages_stored.labels(self._vhost, exchange).inc(count)
+            metrics.bytes_stored.labels(self._vhost, exchange).inc(result.stored_bytes[exchange])
+        if result.duplicates:
+            metrics.duplicates_skipped.labels(self._vhost).inc(result.duplicates)
+            log.info(
+                "redeliveries_recognised",
+                extra={"vhost": self._vhost, "duplicates": result.duplicates},
+            )
+        if result.unstorable:
+            metrics.unstorable_messages.labels(self._vhost).inc(result.unstorable)
+        metrics.batch_seconds.labels(self._vhost).observe(elapsed)
+        metrics.batch_size.labels(self._vhost).observe(len(batch))
+        log.debug(
+            "batch_committed",
+            extra={"vhost": self._vhost, "batch_size": len(batch), "seconds": round(elapsed, 4)},
+        )
+
+    async def _write_until_stored(
+        self, channel: aiormq.abc.AbstractChannel, batch: list[Delivery], batch_id: int
+    ) -> Any:
+        """Write the batch, retrying while PostgreSQL is away; the broker keeps the messages."""
+        backoff = Backoff(first=0.5, cap=5.0)
+        while True:
+            try:
+                forget, self._forget = self._forget, []
+                try:
+                    return await self._store.write_batch(self._vhost, batch, batch_id, forget)
+                except BaseException:
+                    self._forget = forget + self._forget
+                    raise
+            except DatabaseUnavailable as error:
+                self._health.set_database_ok(False)
+                self._metrics.errors.labels("database").inc()
+                log.warning(
+                    "database_unavailable",
+                    extra={"vhost": self._vhost, "error": str(error), "batch_size": len(batch)},
+                )
+                if channel.is_closed:
+                    raise BrokerUnavailable("channel closed while the database was away") from None
+                # Keep retrying after stop too: the messages are safe in the queue either
+                # way, and the daemon's hard deadline ends this if the outage outlasts it.
+                await asyncio.sleep(backoff.next())
+
+    async def _forget_fenced(self) -> None:
+        forget, self._forget = self._forget, []
+        try:
+            await self._store.forget_pending(forget)
+        except DatabaseUnavailable:
+            self._forget = forget + self._forget
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0] if text else type(error).__name__

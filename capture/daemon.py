@@ -1,0 +1,142 @@
+"""`rabbit-capture run`: wires settings, database, broker sessions, discovery and the HTTP endpoint."""
+
+import asyncio
+import logging
+
+import asyncpg
+
+from archive.db import create_pool
+from archive.errors import ArchiveError, DatabaseUnavailable
+from archive.migrate import apply_migrations
+from capture import content_header
+from capture.consumer import Backoff, VhostCapture, sleep_unless
+from capture.discovery import BindingKeeper
+from capture.health import Health
+from capture.http import HealthServer
+from capture.management import ManagementApi, management_client
+from capture.metrics import CaptureMetrics
+from capture.signals import stop_on_signals
+from capture.store import PostgresStore
+from config.settings import Settings, mask_url
+
+log = logging.getLogger("rabbit_archive.capture")
+
+MAINTENANCE_INTERVAL = 600.0
+
+
+async def open_database(
+    settings: Settings, stop: asyncio.Event, health: Health
+) -> "asyncpg.Pool[asyncpg.Record] | None":
+    """Connect (creating the database if allowed) and migrate, retrying until it works or stop."""
+    backoff = Backoff(first=0.5, cap=10.0)
+    while not stop.is_set():
+        try:
+            pool = await create_pool(settings.database_url, create_database=True, max_size=4)
+            async with pool.acquire() as connection:
+                applied = await apply_migrations(connection)
+            if applied:
+                log.info("schema_migrated", extra={"versions": applied})
+            health.set_database_ok(True)
+            return pool
+        except DatabaseUnavailable as error:
+            health.set_database_ok(False)
+            log.warning("database_unavailable", extra={"error": str(error)})
+            await sleep_unless(stop, backoff.next())
+    return None
+
+
+async def _heartbeat(health: Health, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        health.beat()
+        await sleep_unless(stop, 1.0)
+
+
+async def _maintain_partitions(store: PostgresStore, settings: Settings, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            created = await store.ensure_partitions(settings.partition_days_ahead)
+            if created:
+                log.info("partitions_created", extra={"count": created})
+            if settings.retention is not None:
+                dropped = await store.prune(settings.retention)
+                if dropped:
+                    log.info("retention_pruned", extra={"partitions": dropped})
+        except DatabaseUnavailable as error:
+            log.warning("maintenance_failed", extra={"error": str(error)})
+            await sleep_unless(stop, 5.0)
+            continue
+        await sleep_unless(stop, MAINTENANCE_INTERVAL)
+
+
+async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metrics: CaptureMetrics) -> None:
+    pool = await open_database(settings, stop, health)
+    if pool is None:
+        return
+    store = PostgresStore(pool)
+    try:
+        async with management_client(settings) as client:
+            api = ManagementApi(client)
+            vhosts = settings.capture_vhosts
+            if vhosts == ("*",):
+                vhosts = tuple(await api.vhosts())
+            health.vhosts = vhosts
+            keeper = BindingKeeper(settings, api, metrics)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_heartbeat(health, stop), name="heartbeat")
+                group.create_task(_maintain_partitions(store, settings, stop), name="partitions")
+                for vhost in vhosts:
+                    capture = VhostCapture(settings, vhost, store, metrics, health, stop, keeper)
+                    group.create_task(capture.run(), name=f"capture:{vhost}")
+    finally:
+        await pool.close()
+
+
+async def _outcome(main: "asyncio.Task[None]") -> None:
+    """Wait for the capture task; surface the first ArchiveError of its task group."""
+    try:
+        await main
+    except asyncio.CancelledError:
+        return
+    except BaseExceptionGroup as group:
+        matched, _ = group.split(ArchiveError)
+        if matched is None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+async def run_daemon(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT; raise ArchiveError for what the operator must fix."""
+    content_header.install()
+    stop = asyncio.Event()
+    health = Health()
+    metrics = CaptureMetrics()
+    server = HealthServer(settings.http_host, settings.http_port, health, metrics)
+    server.start()
+    log.info(
+        "starting",
+        extra={
+            "amqp_url": mask_url(settings.amqp_url),
+            "database_url": mask_url(settings.database_url),
+            "management_url": settings.management_base,
+            "http_port": server.port,
+        },
+    )
+    try:
+        with stop_on_signals(stop):
+            main = asyncio.create_task(_capture(settings, stop, health, metrics), name="capture")
+            stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+            await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not main.done():
+                # Phase two of shutdown: the grace period is over, cancel whatever is left.
+                done, _ = await asyncio.wait({main}, timeout=settings.shutdown_grace)
+                if not done:
+                    log.warning("shutdown_deadline", extra={"grace_seconds": settings.shutdown_grace})
+                    main.cancel()
+            stopping.cancel()
+            await _outcome(main)
+    finally:
+        server.stop()
+    log.info("stopped")

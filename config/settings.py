@@ -1,0 +1,225 @@
+"""One settings class for both processes, read from RABBIT_ARCHIVE_* variables, files and .env."""
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from config.durations import parse_duration
+
+ENV_PREFIX = "RABBIT_ARCHIVE_"
+DEFAULT_SECRETS_DIR = "/run/secrets"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable and never its secret."""
+
+
+def mask_url(url: str) -> str:
+    """Return the URL with its password replaced by ***, safe to log or print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class FileVariableSource(PydanticBaseSettingsSource):
+    """Reads RABBIT_ARCHIVE_<NAME>_FILE: the value is the content of that file (Docker/K8s secrets)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        path = os.environ.get(f"{ENV_PREFIX}{field_name.upper()}_FILE")
+        if not path:
+            return None, field_name, False
+        try:
+            content = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(
+                f"{ENV_PREFIX}{field_name.upper()}_FILE: cannot read {path}: {error.strerror}"
+            ) from None
+        return content.rstrip("\r\n"), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
+
+
+class Settings(BaseSettings):
+    """Everything the capture daemon and the replay tool are configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+    )
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    management_url: str = "http://localhost:15672"
+    management_ca_file: Path | None = None
+    database_url: str = "postgresql://localhost/rabbit_archive"
+    vhosts: CommaList = ()
+    queue: str = Field(default="rabbit-archive", min_length=1, max_length=255)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    single_active_consumer: bool = True
+    queue_max_bytes: int | None = Field(default=None, gt=0)
+    include: CommaList = ("*",)
+    exclude: CommaList = ()
+    binding_mode: Literal["all", "mirror"] = "all"
+    source: Literal["bindings", "firehose"] = "bindings"
+    discovery_interval: float = Field(default=5.0, gt=0)
+    prefetch: int = Field(default=4000, ge=1, le=65535)
+    batch_size: int = Field(default=1000, ge=1)
+    batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    flush_interval: float = Field(default=0.2, gt=0)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=9187, ge=0, le=65535)
+    retention: timedelta | None = None
+    partition_days_ahead: int = Field(default=3, ge=1)
+    shutdown_grace: float = Field(default=8.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            FileVariableSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+    @field_validator("vhosts", "include", "exclude", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost (or amqps://)")
+        return value
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must look like http://host:15672 (or https://)")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must look like postgresql://user@host:5432/database")
+        return value
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            return parse_duration(value)
+        return value
+
+    @property
+    def amqp_vhost(self) -> str:
+        """The vhost named by AMQP_URL's path ('/' when the path is empty)."""
+        path = urlsplit(self.amqp_url).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
+
+    @property
+    def capture_vhosts(self) -> tuple[str, ...]:
+        """The vhosts to capture; ('*',) means every vhost the management API lists."""
+        return self.vhosts or (self.amqp_vhost,)
+
+    @property
+    def management_auth(self) -> tuple[str, str]:
+        """Management API credentials: those in MANAGEMENT_URL, else those of AMQP_URL."""
+        for url in (self.management_url, self.amqp_url):
+            parts = urlsplit(url)
+            if parts.username is not None:
+                return unquote(parts.username), unquote(parts.password or "")
+        return "guest", "guest"
+
+    @property
+    def management_base(self) -> str:
+        """MANAGEMENT_URL without credentials."""
+        parts = urlsplit(self.management_url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=host))
+
+    def amqp_url_for(self, vhost: str) -> str:
+        """AMQP_URL pointed at another vhost."""
+        from urllib.parse import quote
+
+        parts = urlsplit(self.amqp_url)
+        return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+def load_settings() -> Settings:
+    """Build the settings from the environment, or raise ConfigError naming the bad variable."""
+    secrets_dir: str | None = os.environ.get(f"{ENV_PREFIX}SECRETS_DIR")
+    if secrets_dir and not Path(secrets_dir).is_dir():
+        raise ConfigError(f"{ENV_PREFIX}SECRETS_DIR: {secrets_dir} is not a directory")
+    if not secrets_dir and Path(DEFAULT_SECRETS_DIR).is_dir():
+        secrets_dir = DEFAULT_SECRETS_DIR
+    try:
+        return Settings(_secrets_dir=secrets_dir)  # type: ignore[call-arg]
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: {message}") from None

@@ -1,0 +1,5 @@
+"""`python -m replay` is `rabbit-replay`."""
+
+from replay.cli import app
+
+app()
