@@ -10,6 +10,7 @@ from archive.amqp_codec import (
     CodecError,
     Properties,
     decode_properties,
+    encode_properties,
     strip_header,
     table_json_view,
     text_view,
@@ -91,7 +92,20 @@ def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: byt
 
 def clean_properties(properties_raw: bytes) -> bytes:
     """The message's own property bytes: the archive queue's x-delivery-count removed."""
-    return strip_header(properties_raw, DELIVERY_COUNT_HEADER)
+    try:
+        stripped = strip_header(properties_raw, DELIVERY_COUNT_HEADER)
+        if stripped is properties_raw:
+            return properties_raw
+        props = decode_properties(stripped)
+    except CodecError:
+        return properties_raw  # undecodable: stored exactly as received
+    if props.headers:
+        return stripped
+    # The queue created the table to hold its counter: the message itself had no headers.
+    # (A message published with an explicitly empty table and then redelivered is stored
+    # without one; the two are indistinguishable once the queue has added its header.)
+    props.headers = None
+    return encode_properties(props)
 
 
 def message_row(

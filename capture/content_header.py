@@ -11,6 +11,7 @@ import struct
 from pamqp import header
 
 _HEADER_PREFIX = struct.Struct(">HHQ")
+_original_unmarshal = header.ContentHeader.unmarshal
 _installed = False
 
 
@@ -27,6 +28,13 @@ def install() -> None:
     if not _installed:
         header.ContentHeader.unmarshal = _unmarshal_keeping_raw  # type: ignore[method-assign]
         _installed = True
+
+
+def uninstall() -> None:
+    """Restore pamqp's own decoder (for tests that share a process with other clients)."""
+    global _installed
+    header.ContentHeader.unmarshal = _original_unmarshal  # type: ignore[method-assign]
+    _installed = False
 
 
 def raw_properties(content_header: header.ContentHeader) -> bytes:

@@ -1,0 +1,177 @@
+"""Nothing lost, nothing stored twice: SIGKILL, SIGTERM, broker and PostgreSQL outages under load."""
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_sql
+from tests.support.daemon import CaptureProcess, wait_for
+from tests.support.load import BackgroundPublisher, queue_depth
+from tests.support.proxy import TcpProxy
+from tests.support.services import Services
+
+pytestmark = pytest.mark.acceptance
+
+
+def stored_counts(database_url: str) -> tuple[int, int]:
+    """(rows, distinct message ids) in the archive."""
+    try:
+        row = run_sql(
+            database_url, "SELECT count(*), count(DISTINCT message_id) FROM rabbit_archive.messages"
+        )[0]
+    except Exception:  # schema not there yet, or the database is restarting
+        return -1, -1
+    return int(row[0]), int(row[1])
+
+
+def assert_exactly_once(database_url: str, expected: int, timeout: float = 60) -> None:
+    """Wait until `expected` messages are stored, then check none is stored twice."""
+    wait_for(lambda: stored_counts(database_url)[0] >= expected, timeout, what=f"{expected} rows")
+    time.sleep(1.5)  # anything stored twice would arrive within a batch or two
+    rows, distinct = stored_counts(database_url)
+    assert (rows, distinct) == (expected, expected)
+    ids = {row[0] for row in run_sql(database_url, "SELECT message_id FROM rabbit_archive.messages")}
+    assert ids == {f"m-{index}" for index in range(expected)}
+
+
+@pytest.fixture
+def load_exchange(pika_channel: Any) -> str:
+    """A topic exchange for the load."""
+    pika_channel.exchange_declare("load", "topic", durable=True)
+    return "load"
+
+
+def wait_bound(daemon: CaptureProcess, exchange: str) -> None:
+    """Wait until the daemon logged binding the exchange."""
+    wait_for(lambda: f'"exchange": "{exchange}"' in daemon.log(), 15, what=f"binding of {exchange}")
+
+
+def test_sigkill_twice_during_load_stores_every_message_exactly_once(
+    start_capture: Callable[..., CaptureProcess], amqp_url: str, database_url: str, load_exchange: str
+) -> None:
+    total = 20_000
+    daemon = start_capture(batch_size="500")
+    wait_bound(daemon, load_exchange)
+    publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=4000).start()
+    for _ in range(2):
+        wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
+        time.sleep(1.0)
+        daemon.kill()
+        daemon = start_capture(batch_size="500")
+    assert publisher.join() == total
+    assert_exactly_once(database_url, total)
+
+
+def test_sigterm_exits_zero_within_ten_seconds_with_everything_acknowledged_stored(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    services: Services,
+    vhost: str,
+) -> None:
+    daemon = start_capture()
+    wait_bound(daemon, load_exchange)
+    publisher = BackgroundPublisher(amqp_url, load_exchange, 10_000, rate=3000).start()
+    wait_for(lambda: stored_counts(database_url)[0] > 1000, 20, what="capture under way")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert time.monotonic() - started < 10
+    published = publisher.join()
+    rows, distinct = stored_counts(database_url)
+    assert rows == distinct
+    # What the daemon acknowledged is stored; the rest waits in the archive queue.
+    assert rows + queue_depth(services.amqp_host, services.amqp_port, vhost, "rabbit-archive") == published
+    assert '"event": "drained"' in daemon.log()
+
+
+def test_broker_connection_cut_twice_during_load_loses_nothing(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    services: Services,
+    vhost: str,
+) -> None:
+    total = 10_000
+    with TcpProxy(services.amqp_host, services.amqp_port) as proxy:
+        proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+        daemon = start_capture(amqp_url=proxied)
+        wait_bound(daemon, load_exchange)
+        publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start()
+        for _ in range(2):
+            wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
+            time.sleep(0.7)
+            proxy.block()  # the broker is gone for the daemon: connections cut, new ones refused
+            wait_for(lambda: not daemon.ready(), 10, what="/readyz to report not ready")
+            time.sleep(2)
+            proxy.unblock()
+            daemon.wait_ready(30)
+        assert publisher.join() == total
+        assert_exactly_once(database_url, total)
+        assert "broker_session_lost" in daemon.log()
+
+
+def test_database_outage_through_a_proxy_pauses_capture_and_loses_nothing(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    services: Services,
+) -> None:
+    total = 8_000
+    with TcpProxy(services.postgres_host, services.postgres_port) as proxy:
+        name = database_url.rsplit("/", 1)[1]
+        proxied = services.database_url(name, host="127.0.0.1", port=proxy.port)
+        daemon = start_capture(database_url=proxied)
+        wait_bound(daemon, load_exchange)
+        publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=2000).start()
+        wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
+        proxy.block()
+        wait_for(lambda: not daemon.ready(), 15, what="/readyz to report not ready")
+        frozen = stored_counts(database_url)[0]
+        time.sleep(3)
+        assert stored_counts(database_url)[0] == frozen  # nothing written, nothing acknowledged
+        proxy.unblock()
+        wait_for(daemon.ready, 30, what="/readyz to report ready again")
+        assert publisher.join() == total
+        assert_exactly_once(database_url, total)
+
+
+@pytest.fixture
+def postgres_restarter() -> Iterator[Callable[[], None]]:
+    """Restarts the local PostgreSQL cluster; always leaves it running."""
+    version = subprocess.run(["ls", "/etc/postgresql"], capture_output=True, text=True, check=True)
+    cluster = version.stdout.split()[0]
+    command = ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main"]
+
+    def restart() -> None:
+        subprocess.run([*command, "restart"], check=True, capture_output=True, timeout=60)
+
+    try:
+        yield restart
+    finally:
+        subprocess.run([*command, "start"], check=False, capture_output=True, timeout=60)
+
+
+def test_postgresql_restart_during_load_loses_nothing(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    postgres_restarter: Callable[[], None],
+) -> None:
+    total = 8_000
+    daemon = start_capture()
+    wait_bound(daemon, load_exchange)
+    publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=2000).start()
+    wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
+    postgres_restarter()
+    assert publisher.join() == total
+    assert_exactly_once(database_url, total)
+    wait_for(daemon.ready, 30, what="ready after the restart")
