@@ -6,7 +6,7 @@ import logging
 import asyncpg
 
 from archive.db import create_pool
-from archive.errors import ArchiveError, DatabaseUnavailable
+from archive.errors import ArchiveError, DatabaseUnavailable, UsageError
 from archive.migrate import apply_migrations
 from capture import content_header
 from capture.consumer import Backoff, VhostCapture, sleep_unless
@@ -109,6 +109,8 @@ async def _outcome(main: "asyncio.Task[None]") -> None:
 
 async def run_daemon(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT; raise ArchiveError for what the operator must fix."""
+    if settings.source == "firehose":
+        raise UsageError("RABBIT_ARCHIVE_SOURCE=firehose is not available in this version; use 'bindings'")
     content_header.install()
     stop = asyncio.Event()
     health = Health()

@@ -40,7 +40,9 @@ def raw_headers() -> Any:
         content_header.uninstall()
 
 
-async def receive(amqp_url: str, queue: str, count: int) -> tuple[aiormq.abc.AbstractConnection, list[Delivery]]:
+async def receive(
+    amqp_url: str, queue: str, count: int
+) -> tuple[aiormq.abc.AbstractConnection, list[Delivery]]:
     """Consume `count` messages without acknowledging them; returns the open connection too."""
     connection = await aiormq.connect(amqp_url)
     channel = await connection.channel()

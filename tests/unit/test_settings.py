@@ -240,9 +240,7 @@ def test_unreadable_file_variable_is_a_config_error(monkeypatch: pytest.MonkeyPa
 def test_environment_value_beats_file_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     secret = tmp_path / "database_url"
     secret.write_text("postgresql://from-file/archive\n", encoding="utf-8")
-    settings = load(
-        monkeypatch, DATABASE_URL="postgresql://from-env/archive", DATABASE_URL_FILE=str(secret)
-    )
+    settings = load(monkeypatch, DATABASE_URL="postgresql://from-env/archive", DATABASE_URL_FILE=str(secret))
     assert settings.database_url == "postgresql://from-env/archive"
 
 
