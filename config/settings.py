@@ -1,6 +1,7 @@
 """One settings class for both processes, read from RABBIT_ARCHIVE_* variables, files and .env."""
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,17 +30,34 @@ def mask_url(url: str) -> str:
     """Return the URL with its password replaced by ***, safe to log or print."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparseable URL>"
+    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
     if parts.password is None:
-        return url
+        return urlunsplit(parts._replace(query=query))
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}", query=query))
+
+
+# libpq URLs may carry the password as a parameter too (?password=...).
+_PASSWORD_PARAMETER = re.compile(r"((?:^|&)(?:password|sslpassword)=)[^&]*", re.IGNORECASE)
+
+
+def _check_url(value: str, schemes: tuple[str, ...], example: str, *, need_host: bool = True) -> str:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"must look like {example}") from None
+    if parts.scheme not in schemes or (need_host and not parts.hostname):
+        raise ValueError(f"must look like {example}")
+    return value
 
 
 def _split_list(value: Any) -> Any:
@@ -86,10 +104,11 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
-    management_url: str = "http://localhost:15672"
+    # repr=False: printing the settings must never show a password.
+    amqp_url: str = Field(default="amqp://guest:guest@localhost:5672/", repr=False)
+    management_url: str = Field(default="http://localhost:15672", repr=False)
     management_ca_file: Path | None = None
-    database_url: str = "postgresql://localhost/rabbit_archive"
+    database_url: str = Field(default="postgresql://localhost/rabbit_archive", repr=False)
     vhosts: CommaList = ()
     queue: str = Field(default="rabbit-archive", min_length=1, max_length=255)
     queue_type: Literal["quorum", "classic"] = "quorum"
@@ -142,25 +161,32 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must look like amqp://user:password@host:5672/vhost (or amqps://)")
-        return value
+        return _check_url(value, ("amqp", "amqps"), "amqp://user:password@host:5672/vhost (or amqps://)")
 
     @field_validator("management_url")
     @classmethod
     def _management_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must look like http://host:15672 (or https://)")
-        return value.rstrip("/")
+        return _check_url(value, ("http", "https"), "http://host:15672 (or https://)").rstrip("/")
 
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError("must look like postgresql://user@host:5432/database")
+        # No host is fine: libpq then uses the local socket.
+        return _check_url(
+            value, ("postgresql", "postgres"), "postgresql://user@host:5432/database", need_host=False
+        )
+
+    @field_validator("include", mode="after")
+    @classmethod
+    def _include_default(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # An empty INCLUDE would silently capture nothing; unset and empty both mean "all".
+        return value or ("*",)
+
+    @field_validator("retention", mode="after")
+    @classmethod
+    def _positive_retention(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("must be a positive duration like 30d (unset keeps everything)")
         return value
 
     @field_validator("retention", mode="before")

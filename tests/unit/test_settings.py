@@ -413,3 +413,45 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AMQP_URL", "amqp://user:s3cret@host:notaport/"),
+        ("MANAGEMENT_URL", "http://user:s3cret@host:port/"),
+        ("DATABASE_URL", "postgresql://user:s3cret@host:5x/db"),
+    ],
+)
+def test_a_port_that_is_not_a_number_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    message = config_error(monkeypatch, **{variable: value})
+    assert message.startswith(f"{PREFIX}{variable}:")
+    assert "s3cret" not in message
+
+
+def test_printing_the_settings_never_shows_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load(
+        monkeypatch,
+        AMQP_URL="amqp://user:s3cret@host/",
+        DATABASE_URL="postgresql://user:s3cret@db/archive",
+        MANAGEMENT_URL="http://admin:s3cret@host:15672",
+    )
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings)
+
+
+def test_mask_url_hides_a_password_given_as_a_query_parameter() -> None:
+    masked = mask_url("postgresql://user@db/archive?sslmode=require&password=s3cret")
+    assert "s3cret" not in masked
+    assert "sslmode=require" in masked
+
+
+@pytest.mark.parametrize("value", ["0s", "0d"])
+def test_zero_retention_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    assert config_error(monkeypatch, RETENTION=value).startswith(f"{PREFIX}RETENTION:")
+
+
+def test_empty_include_means_every_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(monkeypatch, INCLUDE="").include == ("*",)
