@@ -1,0 +1,196 @@
+"""The installed `rabbit-capture`: one-line errors and exit codes, status, migrate, bindings kept in step."""
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pytest
+
+from tests.conftest import run_sql
+from tests.support.daemon import CaptureProcess, command, wait_for
+
+pytestmark = pytest.mark.acceptance
+
+
+def capture_command(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `rabbit-capture ARGS` with only the given RABBIT_ARCHIVE_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
+    return subprocess.run(
+        [command("rabbit-capture"), *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    """Exit code as given, one line on stderr containing the fragments, no traceback."""
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("rabbit-capture: error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_bad_setting_is_one_line_naming_the_variable_exit_2(capture_env: dict[str, str]) -> None:
+    result = capture_command({**capture_env, "RABBIT_ARCHIVE_PREFETCH": "lots"}, "run")
+    assert_one_line_error(result, 2, "RABBIT_ARCHIVE_PREFETCH")
+
+
+def test_url_with_password_is_masked_in_errors(capture_env: dict[str, str]) -> None:
+    result = capture_command({**capture_env, "RABBIT_ARCHIVE_AMQP_URL": "http://u:hunter2@x/"}, "run")
+    assert_one_line_error(result, 2, "RABBIT_ARCHIVE_AMQP_URL")
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_existing_queue_with_other_arguments_is_one_line_exit_2(
+    capture_env: dict[str, str], pika_channel: Any
+) -> None:
+    pika_channel.queue_declare("rabbit-archive", durable=True, arguments={"x-queue-type": "classic"})
+    result = capture_command(capture_env, "run", timeout=60)
+    assert_one_line_error(result, 2, "rabbit-archive", "RABBIT_ARCHIVE_QUEUE")
+
+
+def test_firehose_source_is_refused_until_it_exists(capture_env: dict[str, str]) -> None:
+    result = capture_command({**capture_env, "RABBIT_ARCHIVE_SOURCE": "firehose"}, "run")
+    assert_one_line_error(result, 2, "firehose")
+
+
+def test_unreachable_database_makes_status_exit_1_in_one_line(capture_env: dict[str, str]) -> None:
+    env = {**capture_env, "RABBIT_ARCHIVE_DATABASE_URL": "postgresql://root:pw@127.0.0.1:1/none"}
+    result = capture_command(env, "status")
+    assert_one_line_error(result, 1, "PostgreSQL")
+    assert "pw@" not in result.stderr
+
+
+def test_migrate_creates_the_database_and_is_idempotent(
+    capture_env: dict[str, str], database_url: str
+) -> None:
+    first = capture_command(capture_env, "migrate")
+    assert first.returncode == 0, first.stderr
+    assert "applied migrations [1]" in first.stdout
+    second = capture_command(capture_env, "migrate")
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stdout
+    assert run_sql(database_url, "SELECT max(version) FROM rabbit_archive.schema_migrations")[0][0] == 1
+
+
+def test_status_json_reports_bindings_skips_and_counts(
+    start_capture: Callable[..., CaptureProcess],
+    capture_env: dict[str, str],
+    pika_channel: Any,
+    database_url: str,
+) -> None:
+    channel = pika_channel
+    channel.exchange_declare("events", "topic")
+    channel.exchange_declare("jobs", "x-consistent-hash")
+    channel.exchange_declare("private.logs", "fanout")
+    daemon = start_capture(exclude="private.*")
+    wait_for(lambda: '"exchange": "events"' in daemon.log(), 10, what="binding of events")
+    for index in range(3):
+        channel.basic_publish("events", "a.b", b"x", pika.BasicProperties(message_id=str(index)))
+    wait_for(
+        lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] == 3,
+        10,
+        what="3 rows",
+    )
+    result = capture_command({**capture_env, "RABBIT_ARCHIVE_EXCLUDE": "private.*"}, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    bound = {item["exchange"]: item for item in report["exchanges"]}
+    assert bound["events"]["bindings"] == [{"routing_key": "#", "arguments": {}}]
+    assert bound["events"]["type"] == "topic"
+    assert "jobs" not in bound
+    assert "private.logs" not in bound
+    skipped = {item["exchange"]: item["reason"] for item in report["skipped"]}
+    assert "one queue" in skipped["jobs"]
+    assert "EXCLUDE" in skipped["private.logs"]
+    assert report["rows"] == 3
+    assert report["schema_version"] == 1
+    assert report["newest_captured_at"] is not None
+    assert report["queue_depth"] >= 0
+    assert set(report) >= {
+        "exchanges",
+        "skipped",
+        "queue_depth",
+        "rows",
+        "newest_captured_at",
+        "schema_version",
+    }
+
+
+def test_direct_bindings_follow_other_queues_and_are_removed_when_they_go(
+    start_capture: Callable[..., CaptureProcess], pika_channel: Any, management: Any, vhost: str
+) -> None:
+    channel = pika_channel
+    channel.exchange_declare("payments", "direct")
+    channel.queue_declare("ledger")
+    channel.queue_bind("ledger", "payments", "settled")
+
+    def archive_keys() -> set[str]:
+        bindings = management.get(f"/api/exchanges/{vhost}/payments/bindings/source").json()
+        return {b["routing_key"] for b in bindings if b["destination"] == "rabbit-archive"}
+
+    start_capture()
+    wait_for(lambda: archive_keys() == {"settled"}, 10, what="archive bound to 'settled'")
+    channel.queue_bind("ledger", "payments", "refunded")
+    wait_for(lambda: archive_keys() == {"settled", "refunded"}, 5, what="new key mirrored")
+    channel.queue_unbind("ledger", "payments", "settled")
+    wait_for(lambda: archive_keys() == {"refunded"}, 5, what="stale key unbound")
+
+
+def test_alternate_exchange_keeps_receiving_unroutable_messages(
+    start_capture: Callable[..., CaptureProcess], pika_channel: Any, database_url: str, vhost: str
+) -> None:
+    channel = pika_channel
+    channel.exchange_declare("unrouted", "fanout")
+    channel.queue_declare("unrouted-inbox")
+    channel.queue_bind("unrouted-inbox", "unrouted")
+    channel.exchange_declare("orders", "topic", arguments={"alternate-exchange": "unrouted"})
+    channel.queue_declare("eu-orders")
+    channel.queue_bind("eu-orders", "orders", "eu.#")
+    daemon = start_capture()
+    wait_for(lambda: '"exchange": "orders"' in daemon.log(), 10, what="binding of orders")
+    channel.basic_publish("orders", "eu.created", b"routable", pika.BasicProperties(message_id="r"))
+    channel.basic_publish("orders", "us.created", b"unroutable", pika.BasicProperties(message_id="u"))
+    time.sleep(0.5)
+    # The archive mirrored 'eu.#' on orders instead of '#': the US order still went to the
+    # alternate exchange's queue, as it did before the archive existed.
+    assert channel.queue_declare("unrouted-inbox", passive=True).method.message_count == 1
+    wait_for(
+        lambda: (
+            {r[0] for r in run_sql(database_url, "SELECT message_id FROM rabbit_archive.messages")}
+            >= {"r", "u"}
+        ),
+        10,
+        what="both captured (the unroutable one through the alternate exchange's fanout)",
+    )
+
+
+def test_metrics_count_stored_messages_per_exchange(
+    start_capture: Callable[..., CaptureProcess], pika_channel: Any
+) -> None:
+    pika_channel.exchange_declare("metered", "fanout")
+    daemon = start_capture()
+    wait_for(lambda: '"exchange": "metered"' in daemon.log(), 10, what="binding of metered")
+    for _ in range(4):
+        pika_channel.basic_publish("metered", "", b"12345")
+    expected = 'rabbit_archive_messages_stored_total{exchange="metered",vhost='
+    wait_for(lambda: expected in daemon.metrics(), 10, what="stored metric")
+    line = next(line for line in daemon.metrics().splitlines() if line.startswith(expected))
+    assert line.endswith(" 4.0")
+    bytes_line = next(
+        line
+        for line in daemon.metrics().splitlines()
+        if line.startswith('rabbit_archive_bytes_stored_total{exchange="metered"')
+    )
+    assert bytes_line.endswith(" 20.0")
