@@ -1,6 +1,7 @@
 """Fixtures: real services, a fresh vhost and a fresh database per test, daemons in subprocesses."""
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -124,5 +125,7 @@ def pika_channel(services: Services, vhost: str) -> Iterator[Any]:
     try:
         yield channel
     finally:
-        if connection.is_open:
-            connection.close()
+        # A test may have restarted the broker under this connection.
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if connection.is_open:
+                connection.close()

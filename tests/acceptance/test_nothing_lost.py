@@ -175,3 +175,42 @@ def test_postgresql_restart_during_load_loses_nothing(
     assert publisher.join() == total
     assert_exactly_once(database_url, total)
     wait_for(daemon.ready, 30, what="ready after the restart")
+
+
+@pytest.fixture
+def broker_restarter() -> Iterator[Callable[[], None]]:
+    """Stops and starts the local RabbitMQ application; always leaves it running."""
+
+    def restart() -> None:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
+
+    try:
+        yield restart
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=False, capture_output=True, timeout=120)
+
+
+def test_broker_restart_while_draining_a_backlog_loses_nothing(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    broker_restarter: Callable[[], None],
+) -> None:
+    before, after = 30_000, 2_000
+    daemon = start_capture()
+    wait_bound(daemon, load_exchange)
+    assert daemon.stop() == 0  # the archive queue and its bindings stay
+    assert BackgroundPublisher(amqp_url, load_exchange, before).start().join() == before
+    daemon = start_capture()
+    wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="draining under way")
+    # Restart the broker while the daemon is still working through the backlog.
+    assert stored_counts(database_url)[0] < before
+    broker_restarter()
+    wait_for(daemon.ready, 60, what="ready after the broker restart")
+    # The second publisher continues the numbering where the first stopped.
+    publisher = BackgroundPublisher(amqp_url, load_exchange, before + after, first=before)
+    assert publisher.start().join() == before + after
+    assert_exactly_once(database_url, before + after, timeout=90)

@@ -9,7 +9,7 @@ import pika
 
 
 class BackgroundPublisher:
-    """Publishes messages m-0..m-(n-1) to an exchange from its own thread, each confirmed by the broker."""
+    """Publishes m-first..m-(count-1) to an exchange from its own thread, each confirmed by the broker."""
 
     def __init__(
         self,
@@ -20,6 +20,7 @@ class BackgroundPublisher:
         rate: float | None = None,
         routing_key: Callable[[int], str] = lambda index: f"load.{index % 10}",
         body_size: int = 256,
+        first: int = 0,
     ) -> None:
         self.amqp_url = amqp_url
         self.exchange = exchange
@@ -27,6 +28,7 @@ class BackgroundPublisher:
         self.rate = rate
         self.routing_key = routing_key
         self.body_size = body_size
+        self.first = first
         self.confirmed = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -65,7 +67,7 @@ class BackgroundPublisher:
             window = 200 if self.rate is None else max(1, int(self.rate / 20))
             loop = asyncio.get_running_loop()
             started = loop.time()
-            index = 0
+            index = self.first
             while index < self.count and not self._stop.is_set():
                 batch = range(index, min(self.count, index + window))
                 await asyncio.gather(
@@ -85,7 +87,7 @@ class BackgroundPublisher:
                 index = batch.stop
                 self.confirmed = index
                 if self.rate is not None:
-                    ahead = started + index / self.rate - loop.time()
+                    ahead = started + (index - self.first) / self.rate - loop.time()
                     if ahead > 0:
                         await asyncio.sleep(ahead)
 
