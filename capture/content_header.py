@@ -1,4 +1,4 @@
-"""Keeps each content header's raw property bytes, which the AMQP client would decode lossily.
+"""Keeps what the AMQP client would decode lossily: raw property bytes, and names that are not UTF-8.
 
 pamqp (under aiormq) turns the header table into Python values, losing the AMQP field
 types (integer widths, float vs double, byte arrays). The archive stores the bytes as the
@@ -8,11 +8,23 @@ one that keeps them and leaves decoding to archive.amqp_codec.
 
 import struct
 
-from pamqp import header
+from pamqp import common, decode, header
 
 _HEADER_PREFIX = struct.Struct(">HHQ")
 _original_unmarshal = header.ContentHeader.unmarshal
+_original_short_str = decode.METHODS["shortstr"]
 _installed = False
+
+
+def _short_str_keeping_bytes(value: bytes) -> tuple[int, str]:
+    # pamqp decodes short strings (exchange, routing key) as strict UTF-8, so one producer
+    # sending invalid UTF-8 would break the connection on every redelivery and stall
+    # capture. surrogateescape keeps such bytes recoverable (archive.records.name_columns).
+    try:
+        length = common.Struct.byte.unpack(value[0:1])[0]
+    except struct.error as error:
+        raise ValueError("Could not unpack short string value") from error
+    return length + 1, value[1 : length + 1].decode("utf-8", "surrogateescape")
 
 
 def _unmarshal_keeping_raw(self: header.ContentHeader, data: bytes) -> None:
@@ -27,6 +39,7 @@ def install() -> None:
     global _installed
     if not _installed:
         header.ContentHeader.unmarshal = _unmarshal_keeping_raw  # type: ignore[method-assign]
+        decode.METHODS["shortstr"] = _short_str_keeping_bytes
         _installed = True
 
 
@@ -34,6 +47,7 @@ def uninstall() -> None:
     """Restore pamqp's own decoder (for tests that share a process with other clients)."""
     global _installed
     header.ContentHeader.unmarshal = _original_unmarshal  # type: ignore[method-assign]
+    decode.METHODS["shortstr"] = _original_short_str
     _installed = False
 
 

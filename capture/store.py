@@ -137,20 +137,20 @@ class PostgresStore:
                 already_stored[item.fingerprint] -= 1
                 result.duplicates += 1
                 continue
-            records.append(
-                message_row(
-                    vhost,
-                    delivery.exchange,
-                    delivery.routing_key,
-                    delivery.redelivered,
-                    item.properties_raw,
-                    delivery.body,
-                )
+            record = message_row(
+                vhost,
+                delivery.exchange,
+                delivery.routing_key,
+                delivery.redelivered,
+                item.properties_raw,
+                delivery.body,
             )
+            records.append(record)
             pending.append((item.fingerprint, batch_id))
             result.stored += 1
-            result.stored_by_exchange[delivery.exchange] += 1
-            result.stored_bytes[delivery.exchange] += len(delivery.body)
+            # Keyed by the stored text of the name: always printable, safe as a metric label.
+            result.stored_by_exchange[record[1]] += 1
+            result.stored_bytes[record[1]] += len(delivery.body)
         if records:
             await connection.copy_records_to_table(
                 "messages", schema_name="rabbit_archive", columns=MESSAGE_COLUMNS, records=records
@@ -201,7 +201,7 @@ class PostgresStore:
             )
             if forget:
                 await connection.execute(queries.FORGET_PENDING, list(forget))
-        stored_exchange = delivery.exchange
+        stored_exchange = row[1]
         return WriteResult(
             stored=1,
             unstorable=1,
