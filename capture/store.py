@@ -20,6 +20,7 @@ log = logging.getLogger("rabbit_archive.capture.store")
 
 PARTITION_LOCK_ID = 0x7261626269740002
 _PENDING_COLUMNS = ("fingerprint", "batch_id")
+_EXCHANGE = MESSAGE_COLUMNS.index("exchange")
 
 
 @dataclass(slots=True)
@@ -149,20 +150,9 @@ class PostgresStore:
             pending.append((item.fingerprint, batch_id))
             result.stored += 1
             # Keyed by the stored text of the name: always printable, safe as a metric label.
-            result.stored_by_exchange[record[1]] += 1
-            result.stored_bytes[record[1]] += len(delivery.body)
-        if records:
-            await connection.copy_records_to_table(
-                "messages", schema_name="rabbit_archive", columns=MESSAGE_COLUMNS, records=records
-            )
-            await connection.copy_records_to_table(
-                "capture_pending",
-                schema_name="rabbit_archive",
-                columns=_PENDING_COLUMNS,
-                records=pending,
-            )
-        if forget:
-            await connection.execute(queries.FORGET_PENDING, list(forget))
+            result.stored_by_exchange[record[_EXCHANGE]] += 1
+            result.stored_bytes[record[_EXCHANGE]] += len(delivery.body)
+        await _copy(connection, records, pending, forget)
         return result
 
     async def _write_unstorable(
@@ -188,20 +178,10 @@ class PostgresStore:
         reason = describe(error)
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
-        log.error("message_unstorable", extra={"exchange": row[1], "error": reason})
+        log.error("message_unstorable", extra={"exchange": row[_EXCHANGE], "error": reason})
         async with self._pool.acquire() as connection, connection.transaction():
-            await connection.copy_records_to_table(
-                "messages", schema_name="rabbit_archive", columns=MESSAGE_COLUMNS, records=[row]
-            )
-            await connection.copy_records_to_table(
-                "capture_pending",
-                schema_name="rabbit_archive",
-                columns=_PENDING_COLUMNS,
-                records=[(item.fingerprint, batch_id)],
-            )
-            if forget:
-                await connection.execute(queries.FORGET_PENDING, list(forget))
-        stored_exchange = row[1]
+            await _copy(connection, [tuple(row)], [(item.fingerprint, batch_id)], forget)
+        stored_exchange = row[_EXCHANGE]
         return WriteResult(
             stored=1,
             unstorable=1,
@@ -233,6 +213,24 @@ class PostgresStore:
                 return created
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"creating partitions: {describe(error)}") from error
+
+
+async def _copy(
+    connection: Connection,
+    records: list[tuple[Any, ...]],
+    pending: list[tuple[bytes, int]],
+    forget: Sequence[int],
+) -> None:
+    """The writes of one batch transaction: rows, their fingerprints, fenced batches forgotten."""
+    if records:
+        await connection.copy_records_to_table(
+            "messages", schema_name="rabbit_archive", columns=MESSAGE_COLUMNS, records=records
+        )
+        await connection.copy_records_to_table(
+            "capture_pending", schema_name="rabbit_archive", columns=_PENDING_COLUMNS, records=pending
+        )
+    if forget:
+        await connection.execute(queries.FORGET_PENDING, list(forget))
 
 
 async def prune(store_pool: "asyncpg.Pool[asyncpg.Record]", older_than: timedelta) -> int:
