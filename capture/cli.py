@@ -95,6 +95,12 @@ def status(
     _print_status(report)
 
 
+def _binding_text(binding: dict[str, Any]) -> str:
+    if binding["routing_key"]:
+        return str(binding["routing_key"])
+    return json.dumps(binding["arguments"]) if binding["arguments"] else '""'
+
+
 def _print_status(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -104,9 +110,7 @@ def _print_status(report: dict[str, Any]) -> None:
     for column in ("vhost", "exchange", "type", "mode", "bindings"):
         table.add_column(column)
     for item in report["exchanges"]:
-        keys = ", ".join(
-            binding["routing_key"] or json.dumps(binding["arguments"]) for binding in item["bindings"]
-        )
+        keys = ", ".join(_binding_text(binding) for binding in item["bindings"])
         table.add_row(item["vhost"], item["exchange"], item["type"] or "?", item["mode"] or "?", keys)
     console.print(table)
     skipped = Table(title="left alone")

@@ -194,3 +194,44 @@ def test_metrics_count_stored_messages_per_exchange(
         if line.startswith('rabbit_archive_bytes_stored_total{exchange="metered"')
     )
     assert bytes_line.endswith(" 20.0")
+
+
+def test_prune_drops_whole_days_older_than_asked_and_keeps_the_rest(
+    capture_env: dict[str, str], database_url: str
+) -> None:
+    assert capture_command(capture_env, "migrate").returncode == 0
+    run_sql(database_url, "SELECT rabbit_archive.ensure_partitions(current_date - 10, 11)")
+    insert = """
+        INSERT INTO rabbit_archive.messages
+            (captured_at, vhost, exchange, routing_key, redelivered,
+             properties_raw, properties, body, body_size)
+        VALUES (now() - $1::text::interval, '/', 'ex', 'rk', false, '\\x0000', '{}', 'b', 1)
+    """
+    for age in ("9 days", "6 days", "1 hour"):
+        run_sql(database_url, insert, age)
+    refused = capture_command(capture_env, "prune", "--older-than", "5d")
+    assert_one_line_error(refused, 2, "--yes")
+    result = capture_command(capture_env, "prune", "--older-than", "5d", "--yes")
+    assert result.returncode == 0, result.stderr
+    remaining = run_sql(
+        database_url,
+        "SELECT count(*) FROM rabbit_archive.messages WHERE captured_at < now() - interval '5 days'",
+    )[0][0]
+    assert remaining == 0
+    assert run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] == 1
+    partitions = {
+        row[0]
+        for row in run_sql(
+            database_url,
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'rabbit_archive.messages'::regclass",
+        )
+    }
+    assert "messages_default" in partitions
+    assert len(partitions) == 1 + 6  # today and the five days before it, plus the default
+
+
+def test_prune_rejects_an_unparseable_age(capture_env: dict[str, str]) -> None:
+    assert_one_line_error(
+        capture_command(capture_env, "prune", "--older-than", "soon", "--yes"), 2, "--older-than"
+    )
