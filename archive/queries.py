@@ -23,6 +23,9 @@ RETURNING p.fingerprint
 # Batches whose acknowledgement the broker has certainly processed need no fingerprints.
 FORGET_PENDING = "DELETE FROM rabbit_archive.capture_pending WHERE batch_id = ANY($1::bigint[])"
 
+# A batch retried after a lost COMMIT reply: its fingerprints exist only if it committed.
+BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending WHERE batch_id = $1)"
+
 ENSURE_PARTITIONS = "SELECT rabbit_archive.ensure_partitions($1::date, $2::integer)"
 
 COUNT_MESSAGES = "SELECT count(*) FROM rabbit_archive.messages"

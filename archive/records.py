@@ -75,14 +75,45 @@ def timestamp_view(seconds: int) -> str | int:
         return seconds
 
 
+_HEADERS_FLAG = 1 << 13
+_CONTENT_TYPE_FLAG = 1 << 15
+_CONTENT_ENCODING_FLAG = 1 << 14
+
+
+def without_empty_headers(properties_raw: bytes) -> bytes:
+    """The property bytes with an empty header table dropped (see fingerprint)."""
+    if len(properties_raw) < 2:
+        return properties_raw
+    flags = int.from_bytes(properties_raw[:2], "big")
+    if not flags & _HEADERS_FLAG or flags & 1:  # no table, or a second flag word (never sent)
+        return properties_raw
+    position = 2
+    for flag in (_CONTENT_TYPE_FLAG, _CONTENT_ENCODING_FLAG):  # the short strings before headers
+        if flags & flag:
+            if position >= len(properties_raw):
+                return properties_raw
+            position += 1 + properties_raw[position]
+    if properties_raw[position : position + 4] != b"\x00\x00\x00\x00":
+        return properties_raw
+    return (
+        (flags & ~_HEADERS_FLAG).to_bytes(2, "big")
+        + properties_raw[2:position]
+        + properties_raw[position + 4 :]
+    )
+
+
 def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: bytes, body: bytes) -> bytes:
-    """A 16-byte digest of everything that makes a message itself, for recognising redeliveries."""
+    """A 16-byte digest of everything that makes a message itself, for recognising redeliveries.
+
+    An empty header table counts as none: a quorum queue that redelivers a message with an
+    empty table adds x-delivery-count, and once that is removed the two cannot be told apart.
+    """
     digest = hashlib.blake2b(digest_size=16)
     for part in (
         vhost.encode("utf-8", "surrogateescape"),
         exchange.encode("utf-8", "surrogateescape"),
         routing_key.encode("utf-8", "surrogateescape"),
-        properties_raw,
+        without_empty_headers(properties_raw),
     ):
         digest.update(len(part).to_bytes(4, "big"))
         digest.update(part)

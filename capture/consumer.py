@@ -201,7 +201,17 @@ class VhostCapture:
             if batcher.full:
                 wake.set()
 
+        cancelled = False
+
+        def on_cancel(_frame: Any) -> None:
+            # The broker cancels the consumer when the queue is deleted or its node goes
+            # away; the channel stays open, so without this the loop would idle forever.
+            nonlocal cancelled
+            cancelled = True
+            wake.set()
+
         channel.closing.add_done_callback(lambda _: wake.set())
+        channel.on_consumer_cancel_callbacks.add(on_cancel)
         consume_ok = await channel.basic_consume(settings.queue, on_message)
         self._health.set_consuming(self._vhost, True)
         self._metrics.connected.labels(self._vhost).set(1)
@@ -209,6 +219,8 @@ class VhostCapture:
         while not self._stop.is_set():
             if channel.is_closed:
                 raise BrokerUnavailable(f"channel to vhost {self._vhost!r} closed")
+            if cancelled:
+                raise BrokerUnavailable(f"the broker cancelled the consumer of {self._settings.queue!r}")
             wait = batcher.wait_time(loop.time())
             try:
                 # Short waits keep the loop responsive to stop without another task.
@@ -277,11 +289,12 @@ class VhostCapture:
     ) -> Any:
         """Write the batch, retrying while PostgreSQL is away; the broker keeps the messages."""
         backoff = Backoff(first=0.5, cap=5.0)
+        retry = False
         while True:
             try:
                 forget, self._forget = self._forget, []
                 try:
-                    return await self._store.write_batch(self._vhost, batch, batch_id, forget)
+                    return await self._store.write_batch(self._vhost, batch, batch_id, forget, retry=retry)
                 except BaseException:
                     self._forget = forget + self._forget
                     raise
@@ -294,6 +307,7 @@ class VhostCapture:
                 )
                 if channel.is_closed:
                     raise BrokerUnavailable("channel closed while the database was away") from None
+                retry = True
                 # Keep retrying after stop too: the messages are safe in the queue either
                 # way, and the daemon's hard deadline ends this if the outage outlasts it.
                 await asyncio.sleep(backoff.next())

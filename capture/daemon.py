@@ -31,7 +31,10 @@ async def open_database(
     backoff = Backoff(first=0.5, cap=10.0)
     while not stop.is_set():
         try:
-            pool = await create_pool(settings.database_url, create_database=True, max_size=4)
+            # A write that hangs on a half-open connection times out and is retried.
+            pool = await create_pool(
+                settings.database_url, create_database=True, max_size=4, command_timeout=60
+            )
             async with pool.acquire() as connection:
                 applied = await apply_migrations(connection)
             if applied:
@@ -72,7 +75,7 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
     pool = await open_database(settings, stop, health)
     if pool is None:
         return
-    store = PostgresStore(pool)
+    store = PostgresStore(pool, strip_delivery_count=settings.queue_type == "quorum")
     try:
         async with management_client(settings) as client:
             api = ManagementApi(client)

@@ -47,7 +47,12 @@ class ManagementApi:
             )
         if response.status_code >= 400:
             raise BrokerUnavailable(f"management API answered {response.status_code} to {path}")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise BrokerUnavailable(
+                f"management API answered {path} with something that is not JSON"
+            ) from None
 
     async def exchanges(self, vhost: str) -> list[dict[str, Any]]:
         """Every exchange of the vhost, as the API lists them."""
@@ -65,7 +70,7 @@ class ManagementApi:
             items = await self._get(f"/api/policies/{_vhost(vhost)}")
         except UsageError:
             return {}
-        return {item["name"]: item.get("definition", {}) for item in items}
+        return {item.get("name", ""): item.get("definition") or {} for item in items}
 
     async def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         """One queue's details (depth, consumers), or None when it does not exist."""
@@ -77,4 +82,4 @@ class ManagementApi:
     async def vhosts(self) -> list[str]:
         """Names of every vhost."""
         items = await self._get("/api/vhosts")
-        return [item["name"] for item in items]
+        return [item["name"] for item in items if "name" in item]

@@ -29,6 +29,7 @@ class WriteResult:
 
     stored: int = 0
     duplicates: int = 0
+    already_committed: bool = False
     unstorable: int = 0
     stored_bytes: Counter[str] = field(default_factory=Counter)
     stored_by_exchange: Counter[str] = field(default_factory=Counter)
@@ -46,7 +47,13 @@ class ArchiveStore(Protocol):
     """What the capture loop needs from the database."""
 
     async def write_batch(
-        self, vhost: str, deliveries: Sequence[Delivery], batch_id: int, forget: Sequence[int]
+        self,
+        vhost: str,
+        deliveries: Sequence[Delivery],
+        batch_id: int,
+        forget: Sequence[int],
+        *,
+        retry: bool = False,
     ) -> WriteResult:
         """Store the deliveries in one transaction (dropping recognised redeliveries)."""
 
@@ -61,68 +68,85 @@ class _Prepared:
     fingerprint: bytes
 
 
+# SQLSTATE classes caused by the data itself (22 data exception, 54 program limit exceeded):
+# splitting the batch isolates the message. Any other error is the database's own trouble
+# (read-only after a failover, disk full, permissions) and the whole batch is retried.
+_DATA_ERROR_CLASSES = ("22", "54")
+
+
+def _is_data_error(error: BaseException) -> bool:
+    sqlstate = getattr(error, "sqlstate", None) or ""
+    return sqlstate[:2] in _DATA_ERROR_CLASSES
+
+
 class PostgresStore:
     """ArchiveStore on an asyncpg pool; driver errors become DatabaseUnavailable."""
 
-    def __init__(self, pool: "asyncpg.Pool[asyncpg.Record]") -> None:
+    def __init__(self, pool: "asyncpg.Pool[asyncpg.Record]", *, strip_delivery_count: bool = True) -> None:
         self._pool = pool
+        # Only a quorum queue adds x-delivery-count, and only to a message it redelivers; a
+        # header of that name on any other delivery is the producer's and is kept.
+        self._strip_delivery_count = strip_delivery_count
+
+    def _prepare(self, vhost: str, delivery: Delivery) -> _Prepared:
+        properties_raw = delivery.properties_raw
+        if delivery.redelivered and self._strip_delivery_count:
+            properties_raw = clean_properties(properties_raw)
+        return _Prepared(
+            delivery,
+            properties_raw,
+            fingerprint(vhost, delivery.exchange, delivery.routing_key, properties_raw, delivery.body),
+        )
 
     async def write_batch(
-        self, vhost: str, deliveries: Sequence[Delivery], batch_id: int, forget: Sequence[int]
+        self,
+        vhost: str,
+        deliveries: Sequence[Delivery],
+        batch_id: int,
+        forget: Sequence[int],
+        *,
+        retry: bool = False,
     ) -> WriteResult:
-        """Store the deliveries in one transaction (dropping recognised redeliveries)."""
-        prepared = []
-        for delivery in deliveries:
-            properties_raw = clean_properties(delivery.properties_raw)
-            prepared.append(
-                _Prepared(
-                    delivery,
-                    properties_raw,
-                    fingerprint(
-                        vhost,
-                        delivery.exchange,
-                        delivery.routing_key,
-                        properties_raw,
-                        delivery.body,
-                    ),
-                )
-            )
-        try:
-            return await self._write(vhost, prepared, batch_id, forget)
-        except CONNECTION_ERRORS as error:
-            raise DatabaseUnavailable(f"writing a batch failed: {describe(error)}") from error
+        """Store the deliveries in one transaction (dropping recognised redeliveries).
 
-    async def _write(
-        self, vhost: str, prepared: list[_Prepared], batch_id: int, forget: Sequence[int]
-    ) -> WriteResult:
+        With `retry`, a batch whose earlier attempt did commit (the reply was lost) is not
+        written again.
+        """
+        prepared = [self._prepare(vhost, delivery) for delivery in deliveries]
         try:
             async with self._pool.acquire() as connection, connection.transaction():
-                return await self._write_in(connection, vhost, prepared, batch_id, forget)
-        except CONNECTION_ERRORS:
-            raise
+                # Fingerprints of acknowledged batches go first, so they can never be
+                # claimed by a later, identical message.
+                if forget:
+                    await connection.execute(queries.FORGET_PENDING, list(forget))
+                if retry and await connection.fetchval(queries.BATCH_COMMITTED, batch_id):
+                    return WriteResult(already_committed=True)
+                return await self._write_part(connection, vhost, prepared, batch_id)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(f"writing a batch failed: {describe(error)}") from error
         except asyncpg.PostgresError as error:
-            if isinstance(error, asyncpg.PostgresConnectionError):
+            raise DatabaseUnavailable(f"PostgreSQL refused a batch: {describe(error)}") from error
+
+    async def _write_part(
+        self, connection: Connection, vhost: str, prepared: list[_Prepared], batch_id: int
+    ) -> WriteResult:
+        """Write a part inside a savepoint; a part the data makes fail is split until isolated."""
+        try:
+            async with connection.transaction():
+                return await self._write_in(connection, vhost, prepared, batch_id)
+        except asyncpg.PostgresError as error:
+            if not _is_data_error(error):
                 raise
-            # Something in the batch cannot be stored the normal way: split it until the
-            # message that fails is alone, so every other message is stored normally.
             if len(prepared) == 1:
-                return await self._write_unstorable(vhost, prepared[0], batch_id, forget, error)
+                return await self._write_unstorable(connection, vhost, prepared[0], batch_id, error)
+            log.warning("batch_split", extra={"batch_size": len(prepared), "error": describe(error)})
             middle = len(prepared) // 2
-            log.warning(
-                "batch_split",
-                extra={"batch_size": len(prepared), "error": describe(error)},
-            )
-            result = await self._write(vhost, prepared[:middle], batch_id, forget)
-            result.merge(await self._write(vhost, prepared[middle:], batch_id, ()))
+            result = await self._write_part(connection, vhost, prepared[:middle], batch_id)
+            result.merge(await self._write_part(connection, vhost, prepared[middle:], batch_id))
             return result
 
     async def _write_in(
-        self,
-        connection: Connection,
-        vhost: str,
-        prepared: list[_Prepared],
-        batch_id: int,
-        forget: Sequence[int],
+        self, connection: Connection, vhost: str, prepared: list[_Prepared], batch_id: int
     ) -> WriteResult:
         result = WriteResult()
         already_stored: Counter[bytes] = Counter()
@@ -152,15 +176,15 @@ class PostgresStore:
             # Keyed by the stored text of the name: always printable, safe as a metric label.
             result.stored_by_exchange[record[_EXCHANGE]] += 1
             result.stored_bytes[record[_EXCHANGE]] += len(delivery.body)
-        await _copy(connection, records, pending, forget)
+        await _copy(connection, records, pending)
         return result
 
     async def _write_unstorable(
         self,
+        connection: Connection,
         vhost: str,
         item: _Prepared,
         batch_id: int,
-        forget: Sequence[int],
         error: BaseException,
     ) -> WriteResult:
         """Store one message whose views PostgreSQL refused: raw bytes kept, views replaced."""
@@ -179,8 +203,7 @@ class PostgresStore:
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
         log.error("message_unstorable", extra={"exchange": row[_EXCHANGE], "error": reason})
-        async with self._pool.acquire() as connection, connection.transaction():
-            await _copy(connection, [tuple(row)], [(item.fingerprint, batch_id)], forget)
+        await _copy(connection, [tuple(row)], [(item.fingerprint, batch_id)])
         stored_exchange = row[_EXCHANGE]
         return WriteResult(
             stored=1,
@@ -216,12 +239,9 @@ class PostgresStore:
 
 
 async def _copy(
-    connection: Connection,
-    records: list[tuple[Any, ...]],
-    pending: list[tuple[bytes, int]],
-    forget: Sequence[int],
+    connection: Connection, records: list[tuple[Any, ...]], pending: list[tuple[bytes, int]]
 ) -> None:
-    """The writes of one batch transaction: rows, their fingerprints, fenced batches forgotten."""
+    """The rows of a batch and their redelivery fingerprints."""
     if records:
         await connection.copy_records_to_table(
             "messages", schema_name="rabbit_archive", columns=MESSAGE_COLUMNS, records=records
@@ -229,8 +249,6 @@ async def _copy(
         await connection.copy_records_to_table(
             "capture_pending", schema_name="rabbit_archive", columns=_PENDING_COLUMNS, records=pending
         )
-    if forget:
-        await connection.execute(queries.FORGET_PENDING, list(forget))
 
 
 async def prune(store_pool: "asyncpg.Pool[asyncpg.Record]", older_than: timedelta) -> int:

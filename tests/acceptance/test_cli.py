@@ -235,3 +235,27 @@ def test_prune_rejects_an_unparseable_age(capture_env: dict[str, str]) -> None:
     assert_one_line_error(
         capture_command(capture_env, "prune", "--older-than", "soon", "--yes"), 2, "--older-than"
     )
+
+
+def test_capture_recovers_when_the_archive_queue_is_deleted(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    database_url: str,
+    management: Any,
+    vhost: str,
+) -> None:
+    pika_channel.exchange_declare("resilient", "fanout")
+    daemon = start_capture()
+    wait_for(lambda: '"exchange": "resilient"' in daemon.log(), 10, what="binding of resilient")
+    # The broker cancels the consumer; the daemon must notice, redeclare, rebind and go on.
+    management.delete(f"/api/queues/{vhost}/rabbit-archive").raise_for_status()
+    wait_for(lambda: "cancelled the consumer" in daemon.log(), 10, what="cancellation noticed")
+
+    def captured() -> bool:
+        pika_channel.basic_publish("resilient", "", b"after", pika.BasicProperties(message_id="after"))
+        rows = run_sql(
+            database_url, "SELECT count(*) FROM rabbit_archive.messages WHERE message_id = 'after'"
+        )
+        return bool(rows[0][0])
+
+    wait_for(captured, 20, interval=0.5, what="capture after the queue came back")

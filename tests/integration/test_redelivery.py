@@ -132,3 +132,59 @@ async def test_fingerprints_of_acknowledged_batches_are_forgotten(
         await connection.close()
     assert (result.duplicates, result.stored) == (0, 1)
     assert await row_count(store, database_url) == 2
+
+
+@pytest.mark.usefixtures("raw_headers")
+async def test_an_empty_header_table_redelivered_with_a_delivery_count_is_recognised(
+    store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
+) -> None:
+    # aio-pika sends an empty header table by default; the quorum queue then adds its counter.
+    pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
+    pika_channel.basic_publish("", "archive", b"e", pika.BasicProperties(message_id="e", headers={}))
+    connection, first = await receive(amqp_url, "archive", 1)
+    await store.write_batch(vhost, first, batch_id=1, forget=())
+    await connection.close()
+    connection, again = await receive(amqp_url, "archive", 1)
+    try:
+        result = await store.write_batch(vhost, again, batch_id=2, forget=())
+    finally:
+        await connection.close()
+    assert (result.duplicates, result.stored) == (1, 0)
+    assert await row_count(store, database_url) == 1
+
+
+@pytest.mark.usefixtures("raw_headers")
+async def test_fingerprints_forgotten_in_the_same_transaction_are_not_claimed(
+    store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
+) -> None:
+    # Batch 1 held message A and was acknowledged (fenced); an identical A delivered later and
+    # redelivered after a lost connection is a new message and must be stored.
+    pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
+    pika_channel.basic_publish("", "archive", b"same", pika.BasicProperties(message_id="a"))
+    connection, first = await receive(amqp_url, "archive", 1)
+    await store.write_batch(vhost, first, batch_id=1, forget=())
+    await connection.close()
+    connection, again = await receive(amqp_url, "archive", 1)
+    try:
+        result = await store.write_batch(vhost, again, batch_id=2, forget=[1])
+    finally:
+        await connection.close()
+    assert (result.duplicates, result.stored) == (0, 1)
+    assert await row_count(store, database_url) == 2
+
+
+@pytest.mark.usefixtures("raw_headers")
+async def test_a_retried_batch_that_did_commit_is_not_written_again(
+    store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
+) -> None:
+    pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
+    pika_channel.basic_publish("", "archive", b"once", pika.BasicProperties(message_id="r"))
+    connection, first = await receive(amqp_url, "archive", 1)
+    try:
+        await store.write_batch(vhost, first, batch_id=5, forget=())
+        # The COMMIT reply was lost: the daemon retries the same batch.
+        result = await store.write_batch(vhost, first, batch_id=5, forget=(), retry=True)
+    finally:
+        await connection.close()
+    assert result.already_committed
+    assert await row_count(store, database_url) == 1
