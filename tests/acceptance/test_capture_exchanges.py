@@ -163,3 +163,42 @@ def test_consistent_hash_exchange_is_left_alone(
     bindings = management.get(f"/api/exchanges/{vhost}/work.hash/bindings/source").json()
     assert {binding["destination"] for binding in bindings} == {"worker-1", "worker-2"}
     assert "x-consistent-hash" in daemon.log()
+
+
+def test_two_vhosts_are_captured_by_one_daemon_into_one_archive(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    database_url: str,
+    management: Any,
+    vhost: str,
+    services: Any,
+) -> None:
+    other = f"{vhost}-other"
+    management.put(f"/api/vhosts/{other}").raise_for_status()
+    management.put(
+        f"/api/permissions/{other}/guest", json={"configure": ".*", "write": ".*", "read": ".*"}
+    ).raise_for_status()
+    try:
+        connection = pika.BlockingConnection(
+            pika.ConnectionParameters(
+                host=services.amqp_host,
+                port=services.amqp_port,
+                virtual_host=other,
+                credentials=pika.PlainCredentials("guest", "guest"),
+            )
+        )
+        other_channel = connection.channel()
+        for channel in (pika_channel, other_channel):
+            channel.exchange_declare("events", "fanout")
+        daemon = start_capture(vhosts=f"{vhost},{other}")
+        wait_for(lambda: daemon.log().count('"exchange": "events"') >= 2, 10, what="both vhosts bound")
+        pika_channel.basic_publish("events", "", b"1", pika.BasicProperties(message_id="first"))
+        other_channel.basic_publish("events", "", b"2", pika.BasicProperties(message_id="second"))
+        connection.close()
+        wait_for(lambda: archived_count(database_url) >= 2, 10, what="2 rows")
+        assert {(row["message_id"], row["vhost"]) for row in archived(database_url)} == {
+            ("first", vhost),
+            ("second", other),
+        }
+    finally:
+        management.delete(f"/api/vhosts/{other}")
