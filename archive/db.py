@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from archive.errors import DatabaseUnavailable
+from archive.errors import DatabaseUnavailable, describe
 from config.settings import mask_url
 
 # A connection of its own or one borrowed from a pool: both run the same queries.
@@ -74,9 +74,3 @@ async def create_pool(
         raise DatabaseUnavailable(f"PostgreSQL at {mask_url(url)} rejected the credentials") from None
     except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(f"cannot reach PostgreSQL at {mask_url(url)}: {describe(error)}") from None
-
-
-def describe(error: BaseException) -> str:
-    """A short, secret-free description of a driver or socket error."""
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0]

@@ -23,3 +23,9 @@ class UsageError(ArchiveError):
 
 class QueueMismatch(UsageError):
     """The archive queue exists with arguments other than the configured ones."""
+
+
+def describe(error: BaseException) -> str:
+    """A short, secret-free description of a driver or socket error: its first line."""
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0]

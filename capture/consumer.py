@@ -11,7 +11,7 @@ import aiormq
 import aiormq.abc
 from pamqp import commands
 
-from archive.errors import BrokerUnavailable, DatabaseUnavailable, QueueMismatch, UsageError
+from archive.errors import BrokerUnavailable, DatabaseUnavailable, QueueMismatch, UsageError, describe
 from capture import content_header
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
@@ -134,7 +134,7 @@ class VhostCapture:
                 self._metrics.errors.labels("broker").inc()
                 log.warning(
                     "broker_session_lost",
-                    extra={"vhost": self._vhost, "error": _describe(error)},
+                    extra={"vhost": self._vhost, "error": describe(error)},
                 )
             if time.monotonic() - started > 30:
                 backoff.reset()
@@ -151,7 +151,7 @@ class VhostCapture:
                 timeout=15,
             )
         except BROKER_ERRORS as error:
-            raise BrokerUnavailable(f"cannot connect to {mask_url(self._url)}: {_describe(error)}") from error
+            raise BrokerUnavailable(f"cannot connect to {mask_url(self._url)}: {describe(error)}") from error
         try:
             channel = await connection.channel()
             await declare_archive_queue(channel, self._settings, self._vhost)
@@ -318,8 +318,3 @@ class VhostCapture:
             await self._store.forget_pending(forget)
         except DatabaseUnavailable:
             self._forget = forget + self._forget
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0] if text else type(error).__name__

@@ -4,8 +4,8 @@ from datetime import datetime
 from typing import Any
 
 from archive import queries
-from archive.db import CONNECTION_ERRORS, create_pool, describe
-from archive.errors import DatabaseUnavailable
+from archive.db import CONNECTION_ERRORS, create_pool
+from archive.errors import DatabaseUnavailable, describe
 from archive.migrate import schema_version
 from capture.discovery import BindingKeeper
 from capture.management import ManagementApi, management_client

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import asyncpg
 
 from archive import queries
-from archive.db import CONNECTION_ERRORS, Connection, describe
-from archive.errors import DatabaseUnavailable
+from archive.db import CONNECTION_ERRORS, Connection
+from archive.errors import DatabaseUnavailable, describe
 from archive.records import MESSAGE_COLUMNS, clean_properties, fingerprint, message_row
 from capture.batching import Delivery
 

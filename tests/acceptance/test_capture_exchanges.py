@@ -191,7 +191,7 @@ def test_two_vhosts_are_captured_by_one_daemon_into_one_archive(
         for channel in (pika_channel, other_channel):
             channel.exchange_declare("events", "fanout")
         daemon = start_capture(vhosts=f"{vhost},{other}")
-        wait_for(lambda: daemon.log().count('"exchange": "events"') >= 2, 10, what="both vhosts bound")
+        daemon.wait_bound("events", vhosts=2)
         pika_channel.basic_publish("events", "", b"1", pika.BasicProperties(message_id="first"))
         other_channel.basic_publish("events", "", b"2", pika.BasicProperties(message_id="second"))
         connection.close()

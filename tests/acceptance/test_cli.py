@@ -95,7 +95,7 @@ def test_status_json_reports_bindings_skips_and_counts(
     channel.exchange_declare("jobs", "x-consistent-hash")
     channel.exchange_declare("private.logs", "fanout")
     daemon = start_capture(exclude="private.*")
-    wait_for(lambda: '"exchange": "events"' in daemon.log(), 10, what="binding of events")
+    daemon.wait_bound("events")
     for index in range(3):
         channel.basic_publish("events", "a.b", b"x", pika.BasicProperties(message_id=str(index)))
     wait_for(
@@ -159,7 +159,7 @@ def test_alternate_exchange_keeps_receiving_unroutable_messages(
     channel.queue_declare("eu-orders")
     channel.queue_bind("eu-orders", "orders", "eu.#")
     daemon = start_capture()
-    wait_for(lambda: '"exchange": "orders"' in daemon.log(), 10, what="binding of orders")
+    daemon.wait_bound("orders")
     channel.basic_publish("orders", "eu.created", b"routable", pika.BasicProperties(message_id="r"))
     channel.basic_publish("orders", "us.created", b"unroutable", pika.BasicProperties(message_id="u"))
     time.sleep(0.5)
@@ -181,7 +181,7 @@ def test_metrics_count_stored_messages_per_exchange(
 ) -> None:
     pika_channel.exchange_declare("metered", "fanout")
     daemon = start_capture()
-    wait_for(lambda: '"exchange": "metered"' in daemon.log(), 10, what="binding of metered")
+    daemon.wait_bound("metered")
     for _ in range(4):
         pika_channel.basic_publish("metered", "", b"12345")
     expected = 'rabbit_archive_messages_stored_total{exchange="metered",vhost='
@@ -246,7 +246,7 @@ def test_capture_recovers_when_the_archive_queue_is_deleted(
 ) -> None:
     pika_channel.exchange_declare("resilient", "fanout")
     daemon = start_capture()
-    wait_for(lambda: '"exchange": "resilient"' in daemon.log(), 10, what="binding of resilient")
+    daemon.wait_bound("resilient")
     # The broker cancels the consumer; the daemon must notice, redeclare, rebind and go on.
     management.delete(f"/api/queues/{vhost}/rabbit-archive").raise_for_status()
     wait_for(lambda: "cancelled the consumer" in daemon.log(), 10, what="cancellation noticed")

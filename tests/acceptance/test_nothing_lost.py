@@ -45,17 +45,12 @@ def load_exchange(pika_channel: Any) -> str:
     return "load"
 
 
-def wait_bound(daemon: CaptureProcess, exchange: str) -> None:
-    """Wait until the daemon logged binding the exchange."""
-    wait_for(lambda: f'"exchange": "{exchange}"' in daemon.log(), 15, what=f"binding of {exchange}")
-
-
 def test_sigkill_twice_during_load_stores_every_message_exactly_once(
     start_capture: Callable[..., CaptureProcess], amqp_url: str, database_url: str, load_exchange: str
 ) -> None:
     total = 20_000
     daemon = start_capture(batch_size="500")
-    wait_bound(daemon, load_exchange)
+    daemon.wait_bound(load_exchange)
     publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=4000).start()
     for _ in range(2):
         wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
@@ -75,7 +70,7 @@ def test_sigterm_exits_zero_within_ten_seconds_with_everything_acknowledged_stor
     vhost: str,
 ) -> None:
     daemon = start_capture()
-    wait_bound(daemon, load_exchange)
+    daemon.wait_bound(load_exchange)
     publisher = BackgroundPublisher(amqp_url, load_exchange, 10_000, rate=3000).start()
     wait_for(lambda: stored_counts(database_url)[0] > 1000, 20, what="capture under way")
     started = time.monotonic()
@@ -102,7 +97,7 @@ def test_broker_connection_cut_twice_during_load_loses_nothing(
     with TcpProxy(services.amqp_host, services.amqp_port) as proxy:
         proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
         daemon = start_capture(amqp_url=proxied)
-        wait_bound(daemon, load_exchange)
+        daemon.wait_bound(load_exchange)
         publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start()
         for _ in range(2):
             wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
@@ -129,7 +124,7 @@ def test_database_outage_through_a_proxy_pauses_capture_and_loses_nothing(
         name = database_url.rsplit("/", 1)[1]
         proxied = services.database_url(name, host="127.0.0.1", port=proxy.port)
         daemon = start_capture(database_url=proxied)
-        wait_bound(daemon, load_exchange)
+        daemon.wait_bound(load_exchange)
         publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=2000).start()
         wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
         proxy.block()
@@ -168,7 +163,7 @@ def test_postgresql_restart_during_load_loses_nothing(
 ) -> None:
     total = 8_000
     daemon = start_capture()
-    wait_bound(daemon, load_exchange)
+    daemon.wait_bound(load_exchange)
     publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=2000).start()
     wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
     postgres_restarter()
@@ -201,7 +196,7 @@ def test_broker_restart_while_draining_a_backlog_loses_nothing(
 ) -> None:
     before, after = 30_000, 2_000
     daemon = start_capture()
-    wait_bound(daemon, load_exchange)
+    daemon.wait_bound(load_exchange)
     assert daemon.stop() == 0  # the archive queue and its bindings stay
     assert BackgroundPublisher(amqp_url, load_exchange, before).start().join() == before
     daemon = start_capture()

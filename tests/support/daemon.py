@@ -83,6 +83,11 @@ class CaptureProcess:
             time.sleep(0.1)
         return self
 
+    def wait_bound(self, exchange: str, vhosts: int = 1, timeout: float = 15) -> None:
+        """Wait until the daemon logged binding the exchange (in `vhosts` vhosts)."""
+        needle = f'"exchange": "{exchange}"'
+        wait_for(lambda: self.log().count(needle) >= vhosts, timeout, what=f"binding of {exchange}")
+
     def metrics(self) -> str:
         """The /metrics text."""
         return httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2).text
