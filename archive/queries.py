@@ -50,3 +50,57 @@ DROP_PARTITION = "SELECT format('DROP TABLE rabbit_archive.%I', $1::text)"
 # Rows that landed in the safety-net partition: few, so deleting them row by row is cheap.
 # (Rows of a day partially newer than the cutoff stay until the whole day is older.)
 DELETE_OLDER_DEFAULT = "DELETE FROM rabbit_archive.messages_default WHERE captured_at < $1"
+
+# --- replay history -------------------------------------------------------------------
+
+# Held (as a session-level advisory lock on (class, hashtext(replay id))) by the process
+# running a replay: a 'running' row whose lock nobody holds was interrupted (SIGKILL, lost
+# connection), and two processes can never run the same replay at once.
+REPLAY_LOCK_CLASS = 1380012624  # 0x52415250; written out in the statements below
+
+TRY_LOCK_REPLAY = "SELECT pg_try_advisory_lock(1380012624, hashtext($1::text))"
+
+# Every column of a replay row; status reads 'interrupted' for a 'running' row whose lock
+# no session holds.
+_REPLAY_SELECT = """
+SELECT r.id,
+       CASE WHEN r.status = 'running' AND NOT EXISTS (
+           SELECT 1 FROM pg_locks AS l
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND l.classid = 1380012624::oid
+             AND l.objid::text::bigint = (hashtext(r.id)::bigint & 4294967295)
+       ) THEN 'interrupted' ELSE r.status END AS status,
+       r.filters, r.target, r.options, r.operator, r.reason, r.upto_id, r.selected, r.published,
+       r.confirmed, r.returned, r.nacked, r.confirmed_cursor, r.error, r.started_at, r.updated_at,
+       r.finished_at
+FROM rabbit_archive.replays AS r
+"""
+
+INSERT_REPLAY = """
+INSERT INTO rabbit_archive.replays
+    (id, status, filters, target, options, operator, reason, upto_id, selected)
+VALUES ($1, 'running', $2, $3, $4, $5, $6, $7, $8)
+"""
+
+GET_REPLAY = _REPLAY_SELECT + "WHERE r.id = $1"
+
+LIST_REPLAYS = _REPLAY_SELECT + "ORDER BY r.started_at, r.id"
+
+SAVE_REPLAY_PROGRESS = """
+UPDATE rabbit_archive.replays
+SET published = $2, confirmed = $3, returned = $4, nacked = $5, confirmed_cursor = $6, updated_at = now()
+WHERE id = $1
+"""
+
+FINISH_REPLAY = """
+UPDATE rabbit_archive.replays
+SET status = $2, error = $3, finished_at = now(), updated_at = now()
+WHERE id = $1
+"""
+
+RESTART_REPLAY = """
+UPDATE rabbit_archive.replays
+SET status = 'running', error = NULL, finished_at = NULL, updated_at = now()
+WHERE id = $1
+"""

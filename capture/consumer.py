@@ -11,8 +11,8 @@ import aiormq
 import aiormq.abc
 from pamqp import commands
 
+from archive import content_header
 from archive.errors import BrokerUnavailable, DatabaseUnavailable, QueueMismatch, UsageError, describe
-from capture import content_header
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
 from capture.health import Health

@@ -5,10 +5,10 @@ import logging
 
 import asyncpg
 
+from archive import content_header
 from archive.db import create_pool
 from archive.errors import ArchiveError, DatabaseUnavailable, UsageError
 from archive.migrate import apply_migrations
-from capture import content_header
 from capture.consumer import Backoff, VhostCapture, sleep_unless
 from capture.discovery import BindingKeeper
 from capture.health import Health

@@ -1,5 +1,5 @@
 """`python -m replay` is `rabbit-replay`."""
 
-from replay.cli import app
+from replay.cli import main
 
-app()
+main()

@@ -1,6 +1,25 @@
-"""The `rabbit-replay` command (its commands arrive with the replay work; see README.md)."""
+"""The `rabbit-replay` command: thin typer wrappers that parse, call one async operation and print."""
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+
+from archive.amqp_codec import CodecError, decode_properties, typed_entries
+from archive.errors import ArchiveError, UsageError
+from archive.logs import setup_logging
+from config import ConfigError, Settings, load_settings
+from replay import operations
+from replay.filters import Filters, build_filters
+from replay.history import ReplayRecord, Target
+from replay.operations import Outcome, Preview, RunRequest, json_line
+from replay.records import full_json, summary_json
+from replay.runner import Progress
+from replay.selection import ArchivedMessage
 
 app = typer.Typer(
     name="rabbit-replay",
@@ -10,7 +29,642 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+T = TypeVar("T")
+FIND_TABLE_LIMIT = 100
 
-@app.callback()
+# The FILTERS of PRODUCT.md, declared once and shared by find, run and export.
+ExchangeOpt = Annotated[list[str] | None, typer.Option("--exchange", help="Exchange name (repeatable).")]
+RoutingKeyOpt = Annotated[
+    str | None, typer.Option("--routing-key", help="AMQP topic pattern: * one word, # zero or more.")
+]
+SinceOpt = Annotated[str | None, typer.Option("--since", help="ISO 8601 (naive is UTC) or a duration: 15m.")]
+UntilOpt = Annotated[str | None, typer.Option("--until", help="ISO 8601 or a duration back from now.")]
+FromIdOpt = Annotated[int | None, typer.Option("--from-id", help="First archive id (inclusive).")]
+ToIdOpt = Annotated[int | None, typer.Option("--to-id", help="Last archive id (inclusive).")]
+HeaderOpt = Annotated[list[str] | None, typer.Option("--header", help="KEY=VALUE header match (repeatable).")]
+MessageIdOpt = Annotated[str | None, typer.Option("--message-id", help="The message_id property.")]
+CorrelationIdOpt = Annotated[
+    str | None, typer.Option("--correlation-id", help="The correlation_id property.")
+]
+BodyContainsOpt = Annotated[str | None, typer.Option("--body-contains", help="Literal text in the body.")]
+BodyJsonOpt = Annotated[
+    list[str] | None, typer.Option("--body-json", help="PATH=VALUE in JSON bodies, dotted path (repeatable).")
+]
+VhostOpt = Annotated[list[str] | None, typer.Option("--vhost", help="Captured in this vhost (repeatable).")]
+IncludeReplaysOpt = Annotated[
+    bool, typer.Option("--include-replays", help="Also select messages that were themselves replays.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print one line to stderr and exit with the code."""
+    print(f"rabbit-replay: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    """Load the settings, or exit 2 naming the bad variable."""
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        fail(str(error), 2)
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def run_async(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run one coroutine; known errors become one line and their exit code."""
+
+    async def main() -> T:
+        return await factory()
+
+    try:
+        return asyncio.run(main())
+    except ArchiveError as error:
+        fail(str(error), error.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def _filters(**values: Any) -> Filters:
+    try:
+        return build_filters(**values)
+    except UsageError as error:
+        fail(str(error), 2)
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters (escape sequences from a producer) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode() for ch in text
+    )
+
+
+@app.command()
+def find(
+    exchange: ExchangeOpt = None,
+    routing_key: RoutingKeyOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    from_id: FromIdOpt = None,
+    to_id: ToIdOpt = None,
+    header: HeaderOpt = None,
+    message_id: MessageIdOpt = None,
+    correlation_id: CorrelationIdOpt = None,
+    body_contains: BodyContainsOpt = None,
+    body_json: BodyJsonOpt = None,
+    vhost: VhostOpt = None,
+    include_replays: IncludeReplaysOpt = False,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", min=0, help=f"At most N messages (table default {FIND_TABLE_LIMIT}; 0: all)."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    count: Annotated[
+        bool, typer.Option("--count", help="Print only the number of matching messages.")
+    ] = False,
+) -> None:
+    """List archived messages that match the filters, oldest first."""
+    filters = _filters(
+        exchanges=exchange,
+        routing_key=routing_key,
+        since=since,
+        until=until,
+        from_id=from_id,
+        to_id=to_id,
+        headers=header,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        body_contains=body_contains,
+        body_json=body_json,
+        vhosts=vhost,
+        include_replays=include_replays,
+    )
+    settings = settings_or_exit()
+    if count:
+        print(run_async(lambda: operations.count(settings, filters)))
+        return
+    if as_json:
+        # Scripts get every match unless they ask for fewer; rows stream page by page.
+        wanted = limit or None
+
+        async def stream() -> None:
+            async for message in operations.find(settings, filters, wanted):
+                print(json_line(summary_json(message)))
+
+        run_async(stream)
+        return
+    wanted = FIND_TABLE_LIMIT if limit is None else (limit or None)
+
+    async def collect() -> list[ArchivedMessage]:
+        # One more than shown tells whether the table was cut.
+        return [m async for m in operations.find(settings, filters, wanted + 1 if wanted else None)]
+
+    found = run_async(collect)
+    _print_messages(found[:wanted] if wanted else found, cut=bool(wanted and len(found) > wanted))
+
+
+def _print_messages(found: list[ArchivedMessage], cut: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    for column in ("id", "captured at", "vhost", "exchange", "routing key", "message id", "bytes", "note"):
+        table.add_column(column, overflow="fold")
+    for message in found:
+        notes = [word for word, flag in (("redelivered", message.redelivered),) if flag]
+        if message.replay_id:
+            notes.append(f"replay {message.replay_id[:8]}")
+        table.add_row(
+            *(
+                Text(printable(str(cell)))
+                for cell in (
+                    message.id,
+                    f"{message.captured_at:%Y-%m-%d %H:%M:%S.%f}"[:-3],
+                    message.vhost,
+                    message.exchange or "(default)",
+                    message.routing_key,
+                    message.properties.get("message_id", ""),
+                    message.body_size,
+                    ", ".join(notes),
+                )
+            )
+        )
+    console = Console()
+    console.print(table)
+    more = " (more match: raise --limit, or use --count)" if cut else ""
+    console.print(Text(f"{len(found)} messages shown{more}"))
+
+
+@app.command()
+def show(
+    archive_id: Annotated[str, typer.Argument(metavar="ID", help="Archive id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Show one archived message in full: properties, typed headers and body."""
+    if not archive_id.isdigit():
+        fail(f"ID: {archive_id!r} is not an archive id (a whole number, as 'find' lists)", 2)
+    settings = settings_or_exit()
+    message = run_async(lambda: operations.show(settings, int(archive_id)))
+    if as_json:
+        print(json_line(full_json(message)))
+        return
+    for line in describe_message(message):
+        print(line)
+
+
+def _typed_lines(entries: list[dict[str, Any]], indent: str) -> list[str]:
+    lines = []
+    for entry in entries:
+        value = entry["value"]
+        if entry["type"] == "table":
+            lines.append(f"{indent}{printable(entry['key'])} (table):")
+            lines.extend(_typed_lines(value, indent + "  "))
+        elif entry["type"] == "array":
+            lines.append(f"{indent}{printable(entry['key'])} (array):")
+            items = [{"key": f"[{i}]", **item} for i, item in enumerate(value)]
+            lines.extend(_typed_lines(items, indent + "  "))
+        else:
+            lines.append(
+                f"{indent}{printable(entry['key'])} ({entry['type']}): {printable(json.dumps(value))}"
+            )
+    return lines
+
+
+def body_text(body: bytes, limit: int = 65536) -> list[str]:
+    """The body for people: pretty JSON, text, or a hex dump of binary data."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        try:
+            return printable(json.dumps(json.loads(text), indent=2, ensure_ascii=False)).split("\\n")
+        except ValueError:
+            if all(ch.isprintable() or ch in "\n\t" for ch in text):
+                shown = text[:limit].splitlines() or [""]
+                return shown + ([f"... ({len(body) - limit} more bytes)"] if len(text) > limit else [])
+    lines = []
+    for offset in range(0, min(len(body), limit), 16):
+        chunk = body[offset : offset + 16]
+        ascii_view = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{offset:08x}  {chunk.hex(' '):<47}  {ascii_view}")
+    if len(body) > limit:
+        lines.append(f"... ({len(body) - limit} more bytes; 'show --json' has all of it in base64)")
+    return lines
+
+
+def describe_message(message: ArchivedMessage) -> list[str]:
+    """Lines of `show` for people."""
+    lines = [
+        f"id:            {message.id}",
+        f"captured at:   {message.captured_at.isoformat()}",
+        f"vhost:         {printable(message.vhost)}",
+        f"exchange:      {printable(message.exchange) or '(default)'}",
+        f"routing key:   {printable(message.routing_key)}",
+        f"redelivered:   {str(message.redelivered).lower()}",
+    ]
+    if message.replay_id:
+        lines.append(f"replay of:     replay {message.replay_id}")
+    lines.append("properties:")
+    lines.extend(f"  {name}: {printable(json.dumps(value))}" for name, value in message.properties.items())
+    try:
+        table = decode_properties(message.properties_raw).headers
+    except CodecError as error:
+        lines.append(f"headers: undecodable ({error}); 'show --json' has the raw bytes")
+    else:
+        lines.append("headers:" if table else "headers: none")
+        lines.extend(_typed_lines(typed_entries(table or []), "  "))
+    lines.append(f"body ({message.body_size} bytes):")
+    lines.extend("  " + line for line in body_text(message.body))
+    return lines
+
+
+@app.command()
+def export(
+    exchange: ExchangeOpt = None,
+    routing_key: RoutingKeyOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    from_id: FromIdOpt = None,
+    to_id: ToIdOpt = None,
+    header: HeaderOpt = None,
+    message_id: MessageIdOpt = None,
+    correlation_id: CorrelationIdOpt = None,
+    body_contains: BodyContainsOpt = None,
+    body_json: BodyJsonOpt = None,
+    vhost: VhostOpt = None,
+    include_replays: IncludeReplaysOpt = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Write to FILE instead of standard output.")
+    ] = None,
+) -> None:
+    """Write matching messages as JSON Lines, byte for byte, for 'run --from-file' elsewhere."""
+    filters = _filters(
+        exchanges=exchange,
+        routing_key=routing_key,
+        since=since,
+        until=until,
+        from_id=from_id,
+        to_id=to_id,
+        headers=header,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        body_contains=body_contains,
+        body_json=body_json,
+        vhosts=vhost,
+        include_replays=include_replays,
+    )
+    settings = settings_or_exit()
+
+    async def write() -> int:
+        written = 0
+        target = output.open("w", encoding="utf-8") if output else sys.stdout
+        try:
+            async for message in operations.find(settings, filters, None):
+                target.write(json_line(full_json(message)) + "\n")
+                written += 1
+        finally:
+            if output:
+                target.close()
+        return written
+
+    try:
+        written = run_async(write)
+    except OSError as error:
+        fail(f"--output: cannot write {output}: {error.strerror or error}", 2)
+    if output:
+        print(f"exported {written} messages to {output}", file=sys.stderr)
+
+
+class TerminalProgress(Progress):
+    """A rich progress bar with rate and ETA on a terminal (stderr)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._progress = RichProgress(
+            TextColumn("replay"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._task: Any = None
+        self._start_done = 0
+        self._started_at = 0.0
+
+    def start(self, total: int, done: int) -> None:
+        import time
+
+        self._start_done = done
+        self._started_at = time.monotonic()
+        self._progress.start()
+        self._task = self._progress.add_task("replay", total=total, completed=done, rate="")
+
+    def advance(self, published: int) -> None:
+        import time
+
+        elapsed = time.monotonic() - self._started_at
+        sent = published - self._start_done if published > self._start_done else published
+        rate = f"{sent / elapsed:,.0f} msg/s" if elapsed > 0.5 else ""
+        self._progress.update(self._task, completed=min(self._start_done + sent, 10**18), rate=rate)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _progress() -> Progress:
+    return TerminalProgress() if sys.stderr.isatty() else Progress()
+
+
+def _confirm(yes: bool) -> Callable[[str], bool] | None:
+    if yes:
+        return None
+
+    def ask(question: str) -> bool:
+        if not sys.stdin.isatty():
+            raise UsageError("a replay publishes to the broker: pass --yes (no terminal to confirm on)")
+        return typer.confirm(question, default=False)
+
+    return ask
+
+
+def _announce(replay_id: str) -> None:
+    print(replay_id, flush=True)
+
+
+def _print_preview(preview: Preview, target: Target, dry_run: bool) -> None:
+    where = f"{target.describe()} in vhost {preview.vhost!r}"
+    size = f" ({preview.bytes} bytes)" if preview.groups else ""
+    if preview.selected == 0:
+        print("no archived message matches: nothing to replay", file=sys.stderr)
+        return
+    verb = "would replay" if dry_run else "replaying"
+    print(f"{verb} {preview.selected} messages{size} to {where}", file=sys.stdout if dry_run else sys.stderr)
+    if not dry_run:
+        return
+    print("by vhost, exchange and routing key:")
+    for group in preview.groups[:20]:
+        print(
+            f"  {group.messages:>8}  {group.bytes:>12} bytes  {printable(group.vhost)}  "
+            f"{printable(group.exchange) or '(default)'}  {printable(group.routing_key)}"
+        )
+    if len(preview.groups) > 20:
+        print(f"  ... and {len(preview.groups) - 20} more groups")
+    if preview.samples:
+        print("samples:")
+    for message in preview.samples:
+        print(
+            f"  id {message.id}  {message.captured_at.isoformat()}  "
+            f"{printable(message.exchange) or '(default)'}  {printable(message.routing_key)}  "
+            f"{message.body_size} bytes"
+        )
+    print("dry run: nothing was published")
+
+
+def _finish(outcome: Outcome | None) -> None:
+    if outcome is None:
+        return
+    counts = outcome.counts
+    print(
+        f"selected {outcome.selected}, published {counts.published}, confirmed {counts.confirmed}, "
+        f"returned {counts.returned}, nacked {counts.nacked}, skipped {counts.skipped}"
+    )
+    problems = []
+    if counts.returned:
+        problems.append(f"{counts.returned} returned as unroutable")
+    if counts.nacked:
+        problems.append(f"{counts.nacked} refused by the broker (nack)")
+    if counts.skipped:
+        problems.append(f"{counts.skipped} could not be republished (see the log)")
+    if problems:
+        fail(f"replay {outcome.replay_id} incomplete: {', '.join(problems)}", 1)
+
+
+def _interrupted_hint(replay_id_holder: list[str], error: ArchiveError) -> str:
+    if replay_id_holder:
+        return f"{error}; resume with 'rabbit-replay resume {replay_id_holder[0]}'"
+    return str(error)
+
+
+def _run_replay(factory: Callable[[Callable[[str], None]], Awaitable[Outcome | None]]) -> None:
+    started: list[str] = []
+
+    def announce(replay_id: str) -> None:
+        started.append(replay_id)
+        _announce(replay_id)
+
+    async def main() -> Outcome | None:
+        return await factory(announce)
+
+    try:
+        outcome = asyncio.run(main())
+    except UsageError as error:
+        fail(str(error), error.exit_code)
+    except ArchiveError as error:
+        fail(_interrupted_hint(started, error), error.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    _finish(outcome)
+
+
+@app.command()
+def run(
+    exchange: ExchangeOpt = None,
+    routing_key: RoutingKeyOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    from_id: FromIdOpt = None,
+    to_id: ToIdOpt = None,
+    header: HeaderOpt = None,
+    message_id: MessageIdOpt = None,
+    correlation_id: CorrelationIdOpt = None,
+    body_contains: BodyContainsOpt = None,
+    body_json: BodyJsonOpt = None,
+    vhost: VhostOpt = None,
+    include_replays: IncludeReplaysOpt = False,
+    select_all: Annotated[bool, typer.Option("--all", help="Replay the whole archive (no filter).")] = False,
+    to_exchange: Annotated[
+        str | None, typer.Option("--to-exchange", help="Publish to this exchange, original routing keys.")
+    ] = None,
+    to_queue: Annotated[
+        str | None, typer.Option("--to-queue", help="Publish straight into this queue (default exchange).")
+    ] = None,
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Messages per second.")] = None,
+    max_queue_depth: Annotated[
+        int | None, typer.Option("--max-queue-depth", min=0, help="Pause while the --to-queue holds more.")
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why; kept in history and x-replay-reason.")
+    ] = None,
+    operator: Annotated[str | None, typer.Option("--operator", help="Who (default: the login name).")] = None,
+    new_message_id: Annotated[
+        bool, typer.Option("--new-message-id", help="Fresh message ids; the old one goes in x-replay-of.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be replayed; publish nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    from_file: Annotated[
+        Path | None, typer.Option("--from-file", help="Republish the messages of an 'export' file.")
+    ] = None,
+) -> None:
+    """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
+    filters = _filters(
+        exchanges=exchange,
+        routing_key=routing_key,
+        since=since,
+        until=until,
+        from_id=from_id,
+        to_id=to_id,
+        headers=header,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        body_contains=body_contains,
+        body_json=body_json,
+        vhosts=vhost,
+        include_replays=include_replays,
+    )
+    if to_exchange is not None and to_queue is not None:
+        fail("give --to-exchange or --to-queue, not both", 2)
+    if from_file is not None:
+        if not filters.selects_everything() or select_all:
+            fail("--from-file replays the whole file: leave out filters and --all", 2)
+    elif filters.selects_everything() and not select_all:
+        fail(
+            "no filter given: add filters (see 'rabbit-replay run --help') or --all for the whole archive", 2
+        )
+    if max_queue_depth is not None and to_queue is None:
+        fail("--max-queue-depth watches the --to-queue queue: give --to-queue", 2)
+    if reason is not None and "\x00" in reason:
+        fail("--reason: leave out NUL characters", 2)
+    settings = settings_or_exit()
+    target = Target(queue=to_queue, exchange=to_exchange)
+    request = RunRequest(
+        filters=None if from_file else filters,
+        target=target,
+        file=from_file,
+        rate=rate,
+        max_queue_depth=max_queue_depth,
+        reason=reason,
+        operator=operator,
+        new_message_id=new_message_id,
+        dry_run=dry_run,
+    )
+    _run_replay(
+        lambda announce: operations.run(
+            settings,
+            request,
+            confirm=_confirm(yes),
+            announce=announce,
+            show_preview=lambda preview: _print_preview(preview, target, dry_run),
+            progress=_progress(),
+        )
+    )
+
+
+@app.command()
+def resume(
+    replay_id: Annotated[str, typer.Argument(metavar="REPLAY_ID", help="As 'history' lists it.")],
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Messages per second.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Continue an interrupted replay after its last confirmed message, with the same replay id."""
+    if "\x00" in replay_id:
+        fail("REPLAY_ID: not a replay id", 2)
+    settings = settings_or_exit()
+    _run_replay(
+        lambda announce: operations.resume(
+            settings, replay_id, rate=rate, confirm=_confirm(yes), announce=announce, progress=_progress()
+        )
+    )
+
+
+@app.command()
+def history(as_json: JsonOpt = False) -> None:
+    """List past replays with their filters, counts and status."""
+    settings = settings_or_exit()
+    records = run_async(lambda: operations.replays(settings))
+    if as_json:
+        for record in records:
+            print(json_line(record.to_json()))
+        return
+    _print_history(records)
+
+
+def _print_history(records: list[ReplayRecord]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    for column in (
+        "replay id",
+        "status",
+        "started",
+        "operator",
+        "target",
+        "selected",
+        "confirmed",
+        "returned",
+    ):
+        table.add_column(column, overflow="fold")
+    table.add_column("filters / reason", overflow="fold")
+    for record in records:
+        filters = json.dumps(record.filters, ensure_ascii=False)
+        detail = filters + (f" / {record.reason}" if record.reason else "")
+        table.add_row(
+            *(
+                Text(printable(str(cell)))
+                for cell in (
+                    record.id,
+                    record.status,
+                    f"{record.started_at:%Y-%m-%d %H:%M:%S}",
+                    record.operator,
+                    Target.from_json(record.target).describe(),
+                    record.selected,
+                    record.confirmed,
+                    record.returned,
+                    detail,
+                )
+            )
+        )
+    Console().print(table)
+
+
 def main() -> None:
-    """Find, inspect and republish archived messages."""
+    """Entry point: usage errors (a missing argument, a bad number) become one line and exit 2."""
+    # typer bundles click as typer._click (pinned in constraints.txt); its usage errors are
+    # otherwise printed as a multi-line box.
+    from typer._click.exceptions import UsageError as ClickUsageError
+
+    if len(sys.argv) <= 1:
+        app()  # no_args_is_help: print the help
+        return
+    try:
+        code = app(standalone_mode=False)
+    except ClickUsageError as error:
+        print(f"rabbit-replay: error: {error.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("rabbit-replay: error: aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

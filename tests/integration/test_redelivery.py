@@ -9,9 +9,9 @@ import aiormq.abc
 import pika
 import pytest
 
+from archive import content_header
 from archive.db import create_pool
 from archive.migrate import apply_migrations
-from capture import content_header
 from capture.batching import Delivery
 from capture.store import PostgresStore
 

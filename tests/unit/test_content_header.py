@@ -6,9 +6,9 @@ from collections.abc import Iterator
 import pytest
 from pamqp import commands, exceptions, frame, header
 
+from archive import content_header
 from archive.amqp_codec import Properties, decode_properties, encode_properties
 from archive.records import MESSAGE_COLUMNS, message_row
-from capture import content_header
 
 
 @pytest.fixture

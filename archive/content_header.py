@@ -1,4 +1,4 @@
-"""Keeps what the AMQP client would decode lossily: raw property bytes, and names that are not UTF-8.
+"""Raw AMQP content headers for aiormq: property bytes kept exactly when received and sent exactly.
 
 pamqp (under aiormq) turns the header table into Python values, losing the AMQP field
 types (integer widths, float vs double, byte arrays). The archive stores the bytes as the
@@ -55,3 +55,21 @@ def raw_properties(content_header: header.ContentHeader) -> bytes:
     """The property bytes kept by the installed decoder."""
     raw: bytes = content_header.raw_properties  # type: ignore[attr-defined]
     return raw
+
+
+class RawProperties:
+    """Basic properties that go on the wire as the given bytes (pamqp calls marshal()).
+
+    `message_id` is only aiormq's bookkeeping key for publisher confirms (it invents one
+    when a message has none); the message's own message id, if any, is inside `raw`.
+    """
+
+    __slots__ = ("_raw", "message_id")
+
+    def __init__(self, raw: bytes, bookkeeping_id: str) -> None:
+        self._raw = raw
+        self.message_id = bookkeeping_id
+
+    def marshal(self) -> bytes:
+        """The property flags and values, exactly as given."""
+        return self._raw

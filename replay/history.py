@@ -1,0 +1,182 @@
+"""The replay history in PostgreSQL: one row per replay with its filters, counts and confirmed cursor."""
+
+import json
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from archive import queries
+from archive.db import Connection
+from archive.errors import DatabaseUnavailable, UsageError
+from archive.migrate import schema_version
+
+REPLAY_SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a replay publishes: one queue, one exchange, or each message's original exchange."""
+
+    queue: str | None = None
+    exchange: str | None = None
+
+    def describe(self) -> str:
+        """'queue:NAME', 'exchange:NAME' or 'original'."""
+        if self.queue is not None:
+            return f"queue:{self.queue}"
+        if self.exchange is not None:
+            return f"exchange:{self.exchange}"
+        return "original"
+
+    def to_json(self) -> dict[str, str]:
+        """The stored form."""
+        return {key: value for key, value in (("queue", self.queue), ("exchange", self.exchange)) if value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> "Target":
+        """The inverse of to_json."""
+        return cls(queue=data.get("queue"), exchange=data.get("exchange"))
+
+
+@dataclass(frozen=True)
+class ReplayRecord:
+    """One replay as the history holds it; `status` is 'interrupted' for a dead 'running' one."""
+
+    id: str
+    status: str
+    filters: dict[str, Any]
+    target: dict[str, str]
+    options: dict[str, Any]
+    operator: str
+    reason: str | None
+    upto_id: int | None
+    selected: int
+    published: int
+    confirmed: int
+    returned: int
+    nacked: int
+    confirmed_cursor: int
+    error: str | None
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `history --json` object."""
+        return {
+            "replay_id": self.id,
+            "status": self.status,
+            "selected": self.selected,
+            "published": self.published,
+            "confirmed": self.confirmed,
+            "returned": self.returned,
+            "nacked": self.nacked,
+            "operator": self.operator,
+            "reason": self.reason,
+            "target": Target.from_json(self.target).describe(),
+            "filters": self.filters,
+            "options": self.options,
+            "confirmed_cursor": self.confirmed_cursor,
+            "error": self.error,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+_FIELDS = tuple(field.name for field in fields(ReplayRecord))
+
+
+def _record(row: asyncpg.Record) -> ReplayRecord:
+    values = dict(row.items())
+    for key in ("filters", "target", "options"):
+        if isinstance(values[key], str):
+            values[key] = json.loads(values[key])
+    return ReplayRecord(**{name: values[name] for name in _FIELDS})
+
+
+async def check_schema(connection: Connection) -> None:
+    """Fail in one line when the archive schema is missing or older than replay needs."""
+    version = await schema_version(connection)
+    if version is None:
+        raise DatabaseUnavailable(
+            "the database holds no archive: point RABBIT_ARCHIVE_DATABASE_URL at the capture "
+            "daemon's database, or run 'rabbit-capture migrate'"
+        )
+    if version < REPLAY_SCHEMA_VERSION:
+        raise DatabaseUnavailable(
+            f"the archive schema is at version {version}, replay needs {REPLAY_SCHEMA_VERSION}: "
+            "run 'rabbit-capture migrate'"
+        )
+
+
+async def create(
+    connection: Connection,
+    replay_id: str,
+    *,
+    filters: dict[str, Any],
+    target: Target,
+    options: dict[str, Any],
+    operator: str,
+    reason: str | None,
+    upto_id: int | None,
+    selected: int,
+) -> None:
+    """Record a new replay as running."""
+    await connection.execute(
+        queries.INSERT_REPLAY,
+        replay_id,
+        json.dumps(filters),
+        json.dumps(target.to_json()),
+        json.dumps(options),
+        operator,
+        reason,
+        upto_id,
+        selected,
+    )
+
+
+async def lock(connection: Connection, replay_id: str) -> bool:
+    """Take the replay's lock for this session; False when another process holds it."""
+    taken: bool = await connection.fetchval(queries.TRY_LOCK_REPLAY, replay_id)
+    return taken
+
+
+async def get(connection: Connection, replay_id: str) -> ReplayRecord:
+    """One replay; UsageError when the id is unknown."""
+    row = await connection.fetchrow(queries.GET_REPLAY, replay_id)
+    if row is None:
+        raise UsageError(f"no replay has id {replay_id!r}: list replays with 'rabbit-replay history'")
+    return _record(row)
+
+
+async def all_replays(connection: Connection) -> list[ReplayRecord]:
+    """Every replay, oldest first."""
+    return [_record(row) for row in await connection.fetch(queries.LIST_REPLAYS)]
+
+
+async def save_progress(
+    connection: Connection,
+    replay_id: str,
+    *,
+    published: int,
+    confirmed: int,
+    returned: int,
+    nacked: int,
+    cursor: int,
+) -> None:
+    """Store the counts and the confirmed cursor."""
+    await connection.execute(
+        queries.SAVE_REPLAY_PROGRESS, replay_id, published, confirmed, returned, nacked, cursor
+    )
+
+
+async def finish(connection: Connection, replay_id: str, status: str, error: str | None = None) -> None:
+    """Mark the replay completed, interrupted or failed."""
+    await connection.execute(queries.FINISH_REPLAY, replay_id, status, error)
+
+
+async def restart(connection: Connection, replay_id: str) -> None:
+    """Mark a resumed replay as running again."""
+    await connection.execute(queries.RESTART_REPLAY, replay_id)

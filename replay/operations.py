@@ -1,0 +1,350 @@
+"""What each `rabbit-replay` command does, as async functions over PostgreSQL and RabbitMQ (no printing)."""
+
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import asyncpg
+
+from archive.db import CONNECTION_ERRORS
+from archive.errors import ArchiveError, DatabaseUnavailable, UsageError, describe
+from config.settings import Settings, mask_url
+from replay import history, selection
+from replay.filters import Filters
+from replay.history import ReplayRecord, Target
+from replay.publisher import Publisher
+from replay.runner import Counts, Job, Progress, ReplayStopped, count_file, execute
+from replay.selection import ArchivedMessage, Group
+from replay.tagging import Tag
+
+SAMPLES = 5
+
+
+@contextlib.asynccontextmanager
+async def archive_connection(settings: Settings) -> AsyncIterator["asyncpg.Connection[asyncpg.Record]"]:
+    """A connection to the archive database with jsonb decoded, its schema checked."""
+    url = settings.database_url
+    try:
+        connection = await asyncpg.connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        raise DatabaseUnavailable(
+            f"the archive database at {mask_url(url)} does not exist: check RABBIT_ARCHIVE_DATABASE_URL"
+        ) from None
+    except asyncpg.InvalidPasswordError:
+        raise DatabaseUnavailable(f"PostgreSQL at {mask_url(url)} rejected the credentials") from None
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise DatabaseUnavailable(f"PostgreSQL at {mask_url(url)} refused: {describe(error)}") from None
+    except CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL at {mask_url(url)}: {describe(error)}") from None
+    try:
+        await selection.setup_codecs(connection)
+        await history.check_schema(connection)
+        yield connection
+    except CONNECTION_ERRORS as error:
+        raise DatabaseUnavailable(f"lost PostgreSQL at {mask_url(url)}: {describe(error)}") from None
+    finally:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await connection.close(timeout=5)
+
+
+async def find(settings: Settings, filters: Filters, limit: int | None) -> AsyncIterator[ArchivedMessage]:
+    """The selected messages in archive-id order."""
+    async with archive_connection(settings) as connection:
+        async for message in selection.messages(connection, filters, limit=limit):
+            yield message
+
+
+async def count(settings: Settings, filters: Filters) -> int:
+    """How many messages the filters select."""
+    async with archive_connection(settings) as connection:
+        return await selection.count(connection, filters)
+
+
+async def show(settings: Settings, archive_id: int) -> ArchivedMessage:
+    """One archived message."""
+    async with archive_connection(settings) as connection:
+        return await selection.message(connection, archive_id)
+
+
+async def replays(settings: Settings) -> list[ReplayRecord]:
+    """The replay history, oldest first."""
+    async with archive_connection(settings) as connection:
+        return await history.all_replays(connection)
+
+
+@dataclass
+class RunRequest:
+    """What the operator asked `run` to do."""
+
+    filters: Filters | None
+    target: Target
+    file: Path | None = None
+    rate: float | None = None
+    max_queue_depth: int | None = None
+    reason: str | None = None
+    operator: str | None = None
+    new_message_id: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Preview:
+    """The selection of a replay before it starts."""
+
+    selected: int
+    bytes: int
+    groups: list[Group] = field(default_factory=list)
+    samples: list[ArchivedMessage] = field(default_factory=list)
+    vhost: str = ""
+
+
+@dataclass
+class Outcome:
+    """How a replay ended."""
+
+    replay_id: str
+    selected: int
+    counts: Counts
+    returned_ids: list[int]
+
+
+# Callbacks the CLI provides: ask for confirmation, announce the replay id, show progress.
+Confirm = Callable[[str], bool]
+Announce = Callable[[str], None]
+
+
+def operator_name(given: str | None) -> str:
+    """--operator, else the login name."""
+    if given:
+        return given
+    with contextlib.suppress(Exception):
+        return getpass.getuser()
+    return os.environ.get("USER", "unknown")
+
+
+def _publish_url(settings: Settings, request: RunRequest, preview: Preview) -> tuple[str, str]:
+    """The AMQP URL and vhost to publish to."""
+    vhosts = sorted({group.vhost for group in preview.groups})
+    if request.target.queue is None and request.target.exchange is None and request.file is None:
+        # Back to the original exchanges: they live in the vhost the messages came from.
+        if len(vhosts) > 1:
+            raise UsageError(
+                f"the selection holds messages of vhosts {', '.join(map(repr, vhosts))}: "
+                "replay one at a time with --vhost"
+            )
+        if vhosts and vhosts[0] != settings.amqp_vhost:
+            return settings.amqp_url_for(vhosts[0]), vhosts[0]
+    return settings.amqp_url, settings.amqp_vhost
+
+
+async def _preview(connection: "asyncpg.Connection[asyncpg.Record]", request: RunRequest) -> Preview:
+    if request.file is not None:
+        selected = count_file(request.file)
+        return Preview(selected=selected, bytes=0)
+    assert request.filters is not None
+    groups = await selection.breakdown(connection, request.filters)
+    samples = [m async for m in selection.messages(connection, request.filters, limit=SAMPLES)]
+    return Preview(
+        selected=sum(group.messages for group in groups),
+        bytes=sum(group.bytes for group in groups),
+        groups=groups,
+        samples=samples,
+    )
+
+
+async def _check_target(publisher: Publisher, target: Target, groups: list[Group]) -> None:
+    if target.queue is not None:
+        await publisher.queue_depth(target.queue)
+    elif target.exchange is not None:
+        await publisher.check_exchange(target.exchange, "check --to-exchange")
+    else:
+        for name in sorted({group.exchange for group in groups}):
+            await publisher.check_exchange(
+                name, "declare it again, or replay with --to-exchange or --to-queue"
+            )
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _run_job(
+    job: Job,
+    connection: "asyncpg.Connection[asyncpg.Record]",
+    publisher: Publisher,
+    progress: Progress,
+) -> Outcome:
+    """Execute the job and record how it ended; errors are re-raised after recording."""
+    stop = asyncio.Event()
+    status, error_text = "completed", None
+    try:
+        with _stop_on_signals(stop):
+            await execute(job, connection=connection, publisher=publisher, stop=stop, progress=progress)
+    except ReplayStopped as error:
+        status, error_text = "interrupted", str(error)
+        raise
+    except DatabaseUnavailable:
+        status = ""  # the history cannot be written; the row reads 'interrupted' once the lock is gone
+        raise
+    except UsageError as error:
+        status, error_text = "failed", str(error)
+        raise
+    except ArchiveError as error:
+        status, error_text = "interrupted", str(error)
+        raise
+    finally:
+        if status:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await history.finish(connection, job.replay_id, status, error_text)
+    return Outcome(job.replay_id, job.selected, job.counts, publisher.returned_ids)
+
+
+async def run(
+    settings: Settings,
+    request: RunRequest,
+    *,
+    confirm: Confirm | None,
+    announce: Announce,
+    show_preview: Callable[[Preview], None],
+    progress: Progress,
+) -> Outcome | None:
+    """Start a replay (None for a dry run or an empty selection)."""
+    async with archive_connection(settings) as connection:
+        filters = request.filters
+        if filters is not None:
+            filters = replace(filters, upto_id=await selection.newest_id(connection))
+            request.filters = filters
+        preview = await _preview(connection, request)
+        url, vhost = _publish_url(settings, request, preview)
+        preview.vhost = vhost
+        show_preview(preview)
+        if preview.selected == 0 or request.dry_run:
+            if not request.dry_run:
+                publisher = Publisher(url, vhost)
+                await publisher.connect()
+                try:
+                    await _check_target(publisher, request.target, preview.groups)
+                finally:
+                    await publisher.close()
+            return None
+        publisher = Publisher(url, vhost)
+        await publisher.connect()
+        try:
+            await _check_target(publisher, request.target, preview.groups)
+            if confirm is not None and not confirm(
+                f"Replay {preview.selected} messages to {request.target.describe()} in vhost {vhost!r}?"
+            ):
+                raise ReplayStopped("not confirmed; nothing was published")
+            replay_id = str(uuid.uuid4())
+            options = {
+                "rate": request.rate,
+                "max_queue_depth": request.max_queue_depth,
+                "new_message_id": request.new_message_id,
+                "vhost": vhost,
+                "file": str(request.file.resolve()) if request.file else None,
+            }
+            await history.lock(connection, replay_id)
+            await history.create(
+                connection,
+                replay_id,
+                filters=filters.to_json() if filters is not None else {"file": options["file"]},
+                target=request.target,
+                options=options,
+                operator=operator_name(request.operator),
+                reason=request.reason,
+                upto_id=filters.upto_id if filters is not None else None,
+                selected=preview.selected,
+            )
+            announce(replay_id)
+            job = Job(
+                replay_id=replay_id,
+                target=request.target,
+                tag=Tag(replay_id, request.reason),
+                selected=preview.selected,
+                filters=filters,
+                file=request.file,
+                rate=request.rate,
+                max_queue_depth=request.max_queue_depth,
+                new_message_id=request.new_message_id,
+            )
+            return await _run_job(job, connection, publisher, progress)
+        finally:
+            await publisher.close()
+
+
+async def resume(
+    settings: Settings,
+    replay_id: str,
+    *,
+    rate: float | None,
+    confirm: Confirm | None,
+    announce: Announce,
+    progress: Progress,
+) -> Outcome:
+    """Continue an interrupted replay after its confirmed cursor, with the same replay id."""
+    async with archive_connection(settings) as connection:
+        record = await history.get(connection, replay_id)
+        if record.status == "completed":
+            raise UsageError(
+                f"replay {replay_id} already completed; start a new one with 'rabbit-replay run'"
+            )
+        if not await history.lock(connection, replay_id):
+            raise UsageError(f"replay {replay_id} is running in another process; stop that one first")
+        options = record.options
+        target = Target.from_json(record.target)
+        file = Path(options["file"]) if options.get("file") else None
+        filters = None if file else Filters.from_json({**record.filters, "upto_id": record.upto_id})
+        vhost = options.get("vhost") or settings.amqp_vhost
+        url = settings.amqp_url if vhost == settings.amqp_vhost else settings.amqp_url_for(vhost)
+        publisher = Publisher(url, vhost)
+        await publisher.connect()
+        try:
+            groups = await selection.breakdown(connection, filters) if filters and not target.queue else []
+            await _check_target(publisher, target, groups)
+            if confirm is not None and not confirm(
+                f"Resume replay {replay_id} to {target.describe()} after position {record.confirmed_cursor}?"
+            ):
+                raise ReplayStopped("not confirmed; nothing was published")
+            await history.restart(connection, replay_id)
+            announce(replay_id)
+            job = Job(
+                replay_id=replay_id,
+                target=target,
+                tag=Tag(replay_id, record.reason),
+                selected=record.selected,
+                filters=filters,
+                file=file,
+                rate=rate if rate is not None else options.get("rate"),
+                max_queue_depth=options.get("max_queue_depth"),
+                new_message_id=bool(options.get("new_message_id")),
+                cursor=record.confirmed_cursor,
+                counts=Counts(
+                    published=record.published,
+                    confirmed=record.confirmed,
+                    returned=record.returned,
+                    nacked=record.nacked,
+                ),
+            )
+            return await _run_job(job, connection, publisher, progress)
+        finally:
+            await publisher.close()
+
+
+def json_line(data: object) -> str:
+    """One JSON object per line, UTF-8 kept readable."""
+    return json.dumps(data, ensure_ascii=False)

@@ -1,0 +1,162 @@
+"""Publishing replayed messages: exact property bytes, publisher confirms, mandatory, counted returns."""
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+import aiormq
+import aiormq.abc
+from pamqp import commands
+
+from archive import content_header
+from archive.amqp_codec import CodecError, decode_properties
+from archive.errors import BrokerUnavailable, UsageError, describe
+from config.settings import mask_url
+from replay.tagging import REPLAY_ARCHIVE_ID
+
+log = logging.getLogger("rabbit_archive.replay")
+
+# Errors that mean the broker connection is gone; the replay stops and can be resumed.
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+class Nacked(Exception):
+    """The broker refused responsibility for a published message (basic.nack)."""
+
+
+class Publisher:
+    """One AMQP connection with a confirm channel for publishing and a channel for passive checks."""
+
+    def __init__(self, url: str, vhost: str) -> None:
+        self._url = url
+        self._vhost = vhost
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: aiormq.Channel | None = None
+        self._probe: aiormq.abc.AbstractChannel | None = None
+        self._sequence = 0
+        self.returned = 0
+        self.returned_ids: list[int] = []
+
+    async def connect(self) -> None:
+        """Open the connection and the confirm channel."""
+        # Returned messages come back with the same headers a replay sent; the raw decoder
+        # keeps pamqp from failing on header types it cannot represent.
+        content_header.install()
+        try:
+            self._connection = await aiormq.connect(self._url)
+            self._channel = cast(aiormq.Channel, await self._connection.channel(publisher_confirms=True))
+        except BROKER_ERRORS as error:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {mask_url(self._url)}: {describe(error)}"
+            ) from None
+        # aiormq maps a basic.return to its publish by message id, which replayed messages
+        # share or lack; returns are counted here instead, and the broker's ack that follows
+        # each return settles the publish as usual.
+        self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
+
+    async def _on_return(self, frame: commands.Basic.Return) -> None:
+        channel: Any = self._channel
+        header = await channel._Channel__get_content_header()
+        message = await channel._read_content(frame, header)
+        self.returned += 1
+        archive_id = None
+        with contextlib.suppress(CodecError, AttributeError):
+            props = decode_properties(content_header.raw_properties(message.header))
+            for key, (_, value) in props.headers or ():
+                if key == REPLAY_ARCHIVE_ID:
+                    archive_id = value
+        if isinstance(archive_id, int):
+            self.returned_ids.append(archive_id)
+        log.warning(
+            "message returned as unroutable",
+            extra={
+                "event": "replay.returned",
+                "archive_id": archive_id,
+                "exchange": frame.exchange,
+                "routing_key": frame.routing_key,
+                "reply_text": frame.reply_text,
+            },
+        )
+
+    async def _probe_channel(self) -> aiormq.abc.AbstractChannel:
+        if self._probe is None or self._probe.is_closed:
+            assert self._connection is not None
+            self._probe = await self._connection.channel(publisher_confirms=False)
+        return self._probe
+
+    async def queue_depth(self, queue: str) -> int:
+        """Messages ready in a queue; UsageError when it does not exist."""
+        channel = await self._probe_channel()
+        try:
+            declared = await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._probe = None
+            raise UsageError(
+                f"queue {queue!r} does not exist in vhost {self._vhost!r}: check --to-queue, or declare "
+                "the queue (its consumer usually does) and run again"
+            ) from None
+        return int(declared.message_count or 0)
+
+    async def check_exchange(self, exchange: str, hint: str) -> None:
+        """UsageError when the exchange does not exist (the default exchange always does)."""
+        if not exchange:
+            return
+        channel = await self._probe_channel()
+        try:
+            await channel.exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._probe = None
+            raise UsageError(
+                f"exchange {exchange!r} does not exist in vhost {self._vhost!r}: {hint}"
+            ) from None
+
+    def publish(
+        self, exchange: str, routing_key: str, properties_raw: bytes, body: bytes
+    ) -> "asyncio.Task[None]":
+        """Send one message with mandatory set; the task ends when the broker confirms it.
+
+        Tasks are created in order and aiormq sends frames in the order it is called, so the
+        broker receives messages in archive-id order.
+        """
+        assert self._channel is not None
+        self._sequence += 1
+        properties = content_header.RawProperties(properties_raw, f"rabbit-replay-{self._sequence}")
+        return asyncio.create_task(
+            self._confirmed(self._channel, exchange, routing_key, properties, body),
+            name=f"replay-publish-{self._sequence}",
+        )
+
+    @staticmethod
+    async def _confirmed(
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        properties: content_header.RawProperties,
+        body: bytes,
+    ) -> None:
+        try:
+            await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,  # type: ignore[arg-type]
+                mandatory=True,
+                wait=False,
+            )
+        except aiormq.exceptions.DeliveryError as error:
+            raise Nacked(str(error.frame)) from None
+
+    async def close(self) -> None:
+        """Close the connection (confirms still outstanding are abandoned)."""
+        if self._connection is not None:
+            with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
+                await self._connection.close()
+            self._connection = None
