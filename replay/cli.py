@@ -57,6 +57,13 @@ IncludeReplaysOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 
 
+def _console() -> Any:
+    """A rich console for tables: the terminal's width, or lines as long as needed in a pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=100_000)
+
+
 def fail(message: str, code: int) -> NoReturn:
     """Print one line to stderr and exit with the code."""
     print(f"rabbit-replay: error: {message}", file=sys.stderr)
@@ -170,7 +177,6 @@ def find(
 
 
 def _print_messages(found: list[ArchivedMessage], cut: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -196,7 +202,7 @@ def _print_messages(found: list[ArchivedMessage], cut: bool) -> None:
                 )
             )
         )
-    console = Console()
+    console = _console()
     console.print(table)
     more = " (more match: raise --limit, or use --count)" if cut else ""
     console.print(Text(f"{len(found)} messages shown{more}"))
@@ -611,13 +617,12 @@ def history(as_json: JsonOpt = False) -> None:
 
 
 def _print_history(records: list[ReplayRecord]) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     table = Table()
+    table.add_column("replay id", no_wrap=True, min_width=36)
     for column in (
-        "replay id",
         "status",
         "started",
         "operator",
@@ -626,7 +631,7 @@ def _print_history(records: list[ReplayRecord]) -> None:
         "confirmed",
         "returned",
     ):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=True)
     table.add_column("filters / reason", overflow="fold")
     for record in records:
         filters = json.dumps(record.filters, ensure_ascii=False)
@@ -647,7 +652,7 @@ def _print_history(records: list[ReplayRecord]) -> None:
                 )
             )
         )
-    Console().print(table)
+    _console().print(table)
 
 
 def main() -> None:

@@ -32,7 +32,11 @@ class Target:
 
     def to_json(self) -> dict[str, str]:
         """The stored form."""
-        return {key: value for key, value in (("queue", self.queue), ("exchange", self.exchange)) if value}
+        return {
+            key: value
+            for key, value in (("queue", self.queue), ("exchange", self.exchange))
+            if value is not None
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> "Target":

@@ -86,7 +86,7 @@ def from_export_line(line: str, where: str) -> ArchivedMessage:
         raise UsageError(
             f"{where}: missing {error.args[0]!r}; use a file written by 'rabbit-replay export'"
         ) from None
-    except (ValueError, TypeError, binascii.Error, CodecError) as error:
+    except (ValueError, TypeError, RecursionError, binascii.Error, CodecError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(
             f"{where}: not an export line ({first_line}); use a file written by 'rabbit-replay export'"

@@ -31,7 +31,7 @@ log = logging.getLogger("rabbit_archive.replay")
 # Publishes awaiting their confirm: enough to keep the broker busy, few enough that an
 # interruption sends at most this many messages twice.
 WINDOW = 500
-SAVE_EVERY = 1.0
+SAVE_EVERY = 0.2
 STOP_GRACE = 30.0
 
 
@@ -226,7 +226,7 @@ async def execute(
     pacer = Pacer(job.rate)
     items = _archive_items(connection, job) if job.file is None else file_items(job.file, job.cursor)
     last_save = time.monotonic()
-    last_depth_check = 0.0
+    depth_budget = 0  # publishes --max-queue-depth still allows before the depth is read again
     progress.start(job.selected, counts.confirmed + counts.nacked + counts.skipped)
 
     async def save() -> None:
@@ -252,14 +252,18 @@ async def execute(
             if delay and await _sleep_unless(stop, delay):
                 break
             if job.max_queue_depth is not None and job.target.queue is not None:
-                if time.monotonic() - last_depth_check > 0.2:
-                    while await publisher.queue_depth(job.target.queue) > job.max_queue_depth:
-                        window.settle()
-                        if await _sleep_unless(stop, 0.5):
+                if depth_budget <= 0:
+                    # The broker counts a message in the queue once it confirms it: settle what
+                    # is in flight, then read the depth and publish only what still fits.
+                    limit = max(job.max_queue_depth, 1)
+                    await window.drain(STOP_GRACE)
+                    while (queued := await publisher.queue_depth(job.target.queue)) >= limit:
+                        if await _sleep_unless(stop, 0.2):
                             break
-                    last_depth_check = time.monotonic()
+                    depth_budget = limit - queued
                 if stop.is_set():
                     break
+                depth_budget -= 1
             await window.wait_for_room(WINDOW)
             exchange, routing_key = destination(job.target, message)
             try:

@@ -70,7 +70,8 @@ def tagged_properties(
         if props.message_id is not None:
             added.append((REPLAY_OF, ("S", props.message_id)))
         props.message_id = new_message_id.encode()
-    replaced = {key for key, _ in added}
+    # A reason from an earlier replay must not pass for this one's.
+    replaced = {key for key, _ in added} | {REPLAY_REASON}
     kept: Table = [entry for entry in props.headers or () if entry[0] not in replaced]
     props.headers = kept + added
     return encode_properties(props)
