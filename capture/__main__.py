@@ -1,5 +1,5 @@
 """`python -m capture` is `rabbit-capture`."""
 
-from capture.cli import app
+from capture.cli import main
 
-app()
+main()

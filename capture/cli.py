@@ -1,21 +1,18 @@
 """The `rabbit-capture` command: thin typer wrappers around one async function each."""
 
-import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from archive.command_line import CommandLine
 from archive.db import create_pool
-from archive.errors import ArchiveError
-from archive.logs import setup_logging
 from archive.migrate import apply_migrations
 from capture.daemon import run_daemon
 from capture.status import collect_status
 from capture.store import prune as prune_partitions
-from config import ConfigError, Settings, load_settings, parse_duration
+from config import parse_duration
 
 app = typer.Typer(
     name="rabbit-capture",
@@ -25,37 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-T = TypeVar("T")
-
-
-def fail(message: str, code: int) -> NoReturn:
-    """Print one line to stderr and exit with the code."""
-    print(f"rabbit-capture: error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-def settings_or_exit() -> Settings:
-    """Load the settings, or exit 2 naming the bad variable."""
-    try:
-        settings = load_settings()
-    except ConfigError as error:
-        fail(str(error), 2)
-    setup_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-def run_async(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run one coroutine; known errors become one line and their exit code."""
-
-    async def main() -> T:
-        return await factory()
-
-    try:
-        return asyncio.run(main())
-    except ArchiveError as error:
-        fail(str(error), error.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+COMMAND_LINE = CommandLine("rabbit-capture")
+fail = COMMAND_LINE.fail
+settings_or_exit = COMMAND_LINE.settings
+run_async = COMMAND_LINE.run_async
 
 
 @app.command()
@@ -155,3 +125,8 @@ def prune(
 
     dropped = run_async(drop)
     print(f"dropped {dropped} daily partitions")
+
+
+def main() -> None:
+    """Entry point of `rabbit-capture`."""
+    COMMAND_LINE.main(app)

@@ -5,14 +5,13 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from archive.amqp_codec import CodecError, decode_properties, typed_entries
+from archive.command_line import CommandLine
 from archive.errors import ArchiveError, UsageError
-from archive.logs import setup_logging
-from config import ConfigError, Settings, load_settings
 from replay import operations
 from replay.filters import Filters, build_filters
 from replay.history import ReplayRecord, Target
@@ -29,7 +28,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-T = TypeVar("T")
+COMMAND_LINE = CommandLine("rabbit-replay")
+fail = COMMAND_LINE.fail
+settings_or_exit = COMMAND_LINE.settings
+run_async = COMMAND_LINE.run_async
 FIND_TABLE_LIMIT = 100
 
 # The FILTERS of PRODUCT.md, declared once and shared by find, run and export.
@@ -62,36 +64,6 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=100_000)
-
-
-def fail(message: str, code: int) -> NoReturn:
-    """Print one line to stderr and exit with the code."""
-    print(f"rabbit-replay: error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-def settings_or_exit() -> Settings:
-    """Load the settings, or exit 2 naming the bad variable."""
-    try:
-        settings = load_settings()
-    except ConfigError as error:
-        fail(str(error), 2)
-    setup_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-def run_async(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run one coroutine; known errors become one line and their exit code."""
-
-    async def main() -> T:
-        return await factory()
-
-    try:
-        return asyncio.run(main())
-    except ArchiveError as error:
-        fail(str(error), error.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
 
 
 def _filters(**values: Any) -> Filters:
@@ -656,20 +628,5 @@ def _print_history(records: list[ReplayRecord]) -> None:
 
 
 def main() -> None:
-    """Entry point: usage errors (a missing argument, a bad number) become one line and exit 2."""
-    # typer bundles click as typer._click (pinned in constraints.txt); its usage errors are
-    # otherwise printed as a multi-line box.
-    from typer._click.exceptions import UsageError as ClickUsageError
-
-    if len(sys.argv) <= 1:
-        app()  # no_args_is_help: print the help
-        return
-    try:
-        code = app(standalone_mode=False)
-    except ClickUsageError as error:
-        print(f"rabbit-replay: error: {error.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except typer.Abort:
-        print("rabbit-replay: error: aborted", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    """Entry point of `rabbit-replay`."""
+    COMMAND_LINE.main(app)

@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import pty
 import subprocess
 import time
 import uuid
@@ -341,3 +342,42 @@ def test_show_prints_headers_with_their_amqp_types(archive: Archive) -> None:
     assert {entry["key"]: entry["type"] for entry in shown["headers_typed"]}["tenant"] == "longstr"
     audit = json_lines(ok(archive.replay("find", "--exchange", "audit", "--json", "--limit", "1")))[0]
     assert "00 ff 00" in ok(archive.replay("show", str(audit["id"])))  # binary body as hex
+
+
+def test_progress_shows_on_a_terminal_and_stays_quiet_in_a_pipe(archive: Archive) -> None:
+    publish_sample(archive)
+    piped = archive.replay("run", "--exchange", "orders", "--to-queue", "target", "--yes")
+    ok(piped)
+    # One line saying what is replayed, and no progress output.
+    assert piped.stderr.splitlines() == [
+        f"replaying 9 messages (554 bytes) to queue:target in vhost {archive_vhost(archive)!r}"
+    ]
+    master, terminal = pty.openpty()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
+    process = subprocess.Popen(
+        [command("rabbit-replay"), "run", "--exchange", "orders", "--to-queue", "target", "--yes"],
+        env={**clean, **archive.env, "COLUMNS": "120"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert process.wait(60) == 0
+    assert process.stdout is not None
+    process.stdout.close()
+    assert b"9/9" in shown  # the bar's done/total column
+    assert b"100%" in shown
+
+
+def archive_vhost(archive: Archive) -> str:
+    return archive.env["RABBIT_ARCHIVE_AMQP_URL"].rsplit("/", 1)[1]
