@@ -31,6 +31,8 @@ log = logging.getLogger("rabbit_archive.replay")
 # Publishes awaiting their confirm: enough to keep the broker busy, few enough that an
 # interruption sends at most this many messages twice.
 WINDOW = 500
+# Body bytes in flight: a run of 20 MB messages waits for confirms instead of piling up.
+WINDOW_BYTES = 16 * 1024 * 1024
 SAVE_EVERY = 0.2
 STOP_GRACE = 30.0
 
@@ -92,21 +94,23 @@ class ConfirmWindow:
 
     def __init__(self, cursor: int, counts: Counts) -> None:
         # A None task stands for a message skipped without publishing: settled at once.
-        self._pending: deque[tuple[int, asyncio.Task[None] | None]] = deque()
+        self._pending: deque[tuple[int, asyncio.Task[None] | None, int]] = deque()
+        self.bytes_in_flight = 0
         self.cursor = cursor
         self._counts = counts
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, position: int, task: "asyncio.Task[None] | None") -> None:
-        """Track a publish of the message at position."""
-        self._pending.append((position, task))
+    def add(self, position: int, task: "asyncio.Task[None] | None", size: int = 0) -> None:
+        """Track a publish of the message at position, with its body size."""
+        self._pending.append((position, task, size))
+        self.bytes_in_flight += size
 
     def settle(self) -> None:
         """Advance the cursor over the confirmed head; a lost broker raises BrokerUnavailable."""
         while self._pending and (self._pending[0][1] is None or self._pending[0][1].done()):
-            position, task = self._pending[0]
+            position, task, size = self._pending[0]
             if task is None:
                 error: BaseException | None = None
             else:
@@ -121,11 +125,14 @@ class ConfirmWindow:
             else:
                 raise BrokerUnavailable(f"lost the broker while publishing: {describe(error)}")
             self._pending.popleft()
+            self.bytes_in_flight -= size
             self.cursor = position
 
-    async def wait_for_room(self, size: int) -> None:
-        """Wait until fewer than size publishes are in flight."""
-        while len(self._pending) >= size:
+    async def wait_for_room(self, size: int, max_bytes: int | None = None) -> None:
+        """Wait until fewer than size publishes (and fewer than max_bytes body bytes) are in flight."""
+        while self._pending and (
+            len(self._pending) >= size or (max_bytes is not None and self.bytes_in_flight >= max_bytes)
+        ):
             head = self._pending[0][1]
             if head is not None:
                 await asyncio.wait([head])
@@ -134,17 +141,18 @@ class ConfirmWindow:
     async def drain(self, grace: float) -> None:
         """Wait for every publish in flight (or the timeout), settling what was confirmed."""
         if self._pending:
-            tasks = [task for _, task in self._pending if task is not None]
+            tasks = [task for _, task, _ in self._pending if task is not None]
             if tasks:
                 await asyncio.wait(tasks, timeout=grace)
         self.settle()
 
     def abandon(self) -> None:
         """Forget what is still in flight (the connection is gone); their outcome is unknown."""
-        for _, task in self._pending:
+        for _, task, _ in self._pending:
             if task is not None:
                 task.cancel()
         self._pending.clear()
+        self.bytes_in_flight = 0
 
 
 async def _archive_items(connection: Connection, job: Job) -> AsyncIterator[tuple[int, ArchivedMessage]]:
@@ -264,7 +272,7 @@ async def execute(
                 if stop.is_set():
                     break
                 depth_budget -= 1
-            await window.wait_for_room(WINDOW)
+            await window.wait_for_room(WINDOW, WINDOW_BYTES)
             exchange, routing_key = destination(job.target, message)
             try:
                 properties = tagged_properties(
@@ -288,7 +296,11 @@ async def execute(
                 )
                 window.add(position, None)
                 continue
-            window.add(position, publisher.publish(exchange, routing_key, properties, message.body))
+            window.add(
+                position,
+                publisher.publish(exchange, routing_key, properties, message.body),
+                len(message.body),
+            )
             counts.published += 1
             progress.advance(counts.published)
             window.settle()

@@ -659,6 +659,22 @@ async def test_wait_for_room_waits_for_the_head(publishes: Publishes) -> None:
     assert (window.cursor, counts.confirmed) == (2, 2)
 
 
+async def test_wait_for_room_also_bounds_the_body_bytes_in_flight(publishes: Publishes) -> None:
+    counts = Counts()
+    window = ConfirmWindow(0, counts)
+    (head, confirm_head), (second, _) = publishes.start(), publishes.start()
+    window.add(1, head, 60)
+    window.add(2, second, 50)
+    assert window.bytes_in_flight == 110
+    waiting = await wait_briefly(window.wait_for_room(500, max_bytes=100))
+    assert not waiting.done()  # two messages are far below 500, but 110 bytes are over 100
+    confirm_head(None)
+    await asyncio.wait_for(waiting, 5)
+    assert (window.bytes_in_flight, len(window)) == (50, 1)
+    window.abandon()
+    assert window.bytes_in_flight == 0
+
+
 async def test_wait_for_room_returns_at_once_when_there_is_room(publishes: Publishes) -> None:
     window = ConfirmWindow(0, Counts())
     task, _ = publishes.start()
