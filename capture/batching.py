@@ -42,6 +42,11 @@ class Batcher:
         return len(self._items)
 
     @property
+    def bytes(self) -> int:
+        """Bytes of the buffered deliveries, roughly."""
+        return self._bytes
+
+    @property
     def full(self) -> bool:
         """True when the batch should be written without waiting any longer."""
         return len(self._items) >= self.max_count or self._bytes >= self.max_bytes

@@ -17,6 +17,7 @@ from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
 from capture.health import Health
 from capture.metrics import CaptureMetrics
+from capture.read_gate import ReadGate
 from capture.store import ArchiveStore
 from config.settings import Settings, mask_url
 
@@ -120,6 +121,8 @@ class VhostCapture:
         self._url = settings.amqp_url_for(vhost)
         # Batches committed and acknowledged (with the ack fenced) whose fingerprints can go.
         self._forget: list[int] = []
+        # Acknowledged batches not yet fenced (no basic.qos round trip while reading is paused).
+        self._unfenced: list[int] = []
 
     async def run(self) -> None:
         """Keep a broker session going until stop is set; return after the final flush."""
@@ -143,10 +146,12 @@ class VhostCapture:
 
     async def _session(self) -> None:
         try:
+            gate = ReadGate(tls=self._url.startswith("amqps:"))
             connection = await asyncio.wait_for(
                 aiormq.connect(
                     self._url,
                     client_properties={"connection_name": f"rabbit-capture {self._vhost}"},
+                    transport_factory=gate,
                 ),
                 timeout=15,
             )
@@ -165,7 +170,7 @@ class VhostCapture:
                     self._bindings.keep(connection, self._vhost, self._stop),
                     name=f"bindings:{self._vhost}",
                 )
-                group.create_task(self._consume(channel), name=f"consume:{self._vhost}")
+                group.create_task(self._consume(channel, gate), name=f"consume:{self._vhost}")
         except* (QueueMismatch, UsageError) as errors:
             raise errors.exceptions[0] from None
         except* BROKER_ERRORS as errors:
@@ -177,7 +182,7 @@ class VhostCapture:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await asyncio.wait_for(connection.close(), timeout=5)
 
-    async def _consume(self, channel: aiormq.abc.AbstractChannel) -> None:
+    async def _consume(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
         settings = self._settings
         batcher = Batcher(settings.batch_size, settings.batch_max_bytes, settings.flush_interval)
         wake = asyncio.Event()
@@ -200,6 +205,10 @@ class VhostCapture:
             )
             if batcher.full:
                 wake.set()
+            if batcher.bytes >= settings.buffer_max_bytes:
+                # The database is slower than the broker: hold what we have, read no more
+                # (reading resumes when a flush makes room).
+                gate.pause()
 
         cancelled = False
 
@@ -231,27 +240,38 @@ class VhostCapture:
             wake.clear()
             now = loop.time()
             if batcher.due(now):
-                await self._flush(channel, batcher)
+                await self._flush(channel, batcher, gate)
+                if batcher.bytes < settings.buffer_max_bytes:
+                    gate.resume()
                 idle_since = now
             elif self._forget and now - idle_since > settings.flush_interval:
                 await self._forget_fenced()
-        await self._drain(channel, consume_ok.consumer_tag or "", batcher)
+        await self._drain(channel, consume_ok.consumer_tag or "", batcher, gate)
 
-    async def _drain(self, channel: aiormq.abc.AbstractChannel, consumer_tag: str, batcher: Batcher) -> None:
+    async def _drain(
+        self, channel: aiormq.abc.AbstractChannel, consumer_tag: str, batcher: Batcher, gate: ReadGate
+    ) -> None:
         """Stop consuming, then write and acknowledge everything already delivered."""
         if channel.is_closed:
+            return
+        if gate.paused:
+            # A CancelOk would sit behind everything the broker already pushed: store what
+            # is held and leave the rest to the broker, which requeues it when we close.
+            while len(batcher):
+                await self._flush(channel, batcher, gate)
+            log.info("drained", extra={"vhost": self._vhost, "reading_paused": True})
             return
         await channel.basic_cancel(consumer_tag)
         # Deliveries that arrived before CancelOk are still queued as callback tasks.
         for _ in range(3):
             await asyncio.sleep(0)
         while len(batcher):
-            await self._flush(channel, batcher)
+            await self._flush(channel, batcher, gate)
         if self._forget:
             await self._forget_fenced()
         log.info("drained", extra={"vhost": self._vhost})
 
-    async def _flush(self, channel: aiormq.abc.AbstractChannel, batcher: Batcher) -> None:
+    async def _flush(self, channel: aiormq.abc.AbstractChannel, batcher: Batcher, gate: ReadGate) -> None:
         batch = batcher.take()
         batch_id = random.getrandbits(63)
         started = time.perf_counter()
@@ -262,9 +282,12 @@ class VhostCapture:
         # redelivery, recognised by the pending fingerprints.
         await channel.basic_ack(batch[-1].delivery_tag, multiple=True)
         # basic.qos is answered only after the broker processed the ack sent before it, so
-        # from here on these messages cannot come back and their fingerprints can go.
-        await channel.basic_qos(prefetch_count=self._settings.prefetch)
-        self._forget = [batch_id]
+        # from here on these messages cannot come back and their fingerprints can go. While
+        # reading is paused its reply cannot be read, so the fence waits for a later batch.
+        self._unfenced.append(batch_id)
+        if not gate.paused:
+            await channel.basic_qos(prefetch_count=self._settings.prefetch)
+            self._forget, self._unfenced = self._forget + self._unfenced, []
         metrics = self._metrics
         for exchange, count in result.stored_by_exchange.items():
             metrics.messages_stored.labels(self._vhost, exchange).inc(count)

@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=4000, ge=1, le=65535)
     batch_size: int = Field(default=1000, ge=1)
     batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    # Bytes of unacknowledged deliveries the daemon aims to hold: prefetch shrinks for large messages.
+    buffer_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     flush_interval: float = Field(default=0.2, gt=0)
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=9187, ge=0, le=65535)

@@ -145,3 +145,43 @@ def test_poison_messages_are_stored_losslessly_and_capture_carries_on(
     # Ordinary messages after each poison one were not held up (the 64 MB body included).
     assert elapsed < 30, elapsed
     assert daemon.ready()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_a_backlog_of_large_messages_keeps_the_daemon_under_its_memory_ceiling(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    database_url: str,
+) -> None:
+    count, size = 24, 32 * 1024 * 1024
+    daemon = start_capture()
+    pika_channel.exchange_declare("large", "fanout", durable=True)
+    daemon.wait_bound("large")
+    daemon.stop()
+    body = bytes(range(256)) * (size // 256)
+    for _ in range(count):
+        pika_channel.basic_publish("large", "", body)
+    # 768 MB waiting in the archive queue; BUFFER_MAX_BYTES is 128 MB by default.
+    daemon = start_capture()
+    assert daemon.process is not None
+    wait_for(
+        lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] >= count,
+        120,
+        what="the backlog drained",
+    )
+    peak = peak_rss_mb(daemon.process.pid)
+    assert peak < MEMORY_CEILING_MB, peak
+    lengths = run_sql(database_url, "SELECT DISTINCT length(body) FROM rabbit_archive.messages")
+    assert [row[0] for row in lengths] == [size]
+
+
+# README.md: about 100 MB + 2 x (BUFFER_MAX_BYTES + the largest message), here 100 + 2 x (128 + 32).
+MEMORY_CEILING_MB = 450
