@@ -209,3 +209,38 @@ def test_broker_restart_while_draining_a_backlog_loses_nothing(
     publisher = BackgroundPublisher(amqp_url, load_exchange, before + after, first=before)
     assert publisher.start().join() == before + after
     assert_exactly_once(database_url, before + after, timeout=90)
+
+
+def test_a_minute_long_database_outage_under_steady_load_loses_nothing(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    services: Services,
+    vhost: str,
+) -> None:
+    rate, outage = 1000, 60.0
+    total = int(rate * (outage + 15))
+    with TcpProxy(services.postgres_host, services.postgres_port) as proxy:
+        name = database_url.rsplit("/", 1)[1]
+        proxied = services.database_url(name, host="127.0.0.1", port=proxy.port)
+        daemon = start_capture(database_url=proxied)
+        daemon.wait_bound(load_exchange)
+        publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=rate).start()
+        wait_for(lambda: stored_counts(database_url)[0] > 2 * rate, 20, what="capture under way")
+        proxy.block()
+        wait_for(lambda: not daemon.ready(), 15, what="/readyz to report not ready")
+        frozen = stored_counts(database_url)[0]
+        blocked_at = time.monotonic()
+        while time.monotonic() - blocked_at < outage:
+            assert not daemon.ready()
+            time.sleep(1)
+        # Nothing written and nothing acknowledged: the archive queue holds the backlog.
+        assert stored_counts(database_url)[0] == frozen
+        backlog = queue_depth(services.amqp_host, services.amqp_port, vhost, "rabbit-archive")
+        assert backlog > rate * outage / 2
+        proxy.unblock()
+        wait_for(daemon.ready, 120, what="/readyz to report ready again")
+        assert publisher.join() == total
+        assert_exactly_once(database_url, total, timeout=120)
+        assert queue_depth(services.amqp_host, services.amqp_port, vhost, "rabbit-archive") == 0
