@@ -12,6 +12,7 @@ import aiormq.abc
 from pamqp import commands
 
 from archive import content_header
+from archive.amqp_codec import CodecError, decode_properties, text_view
 from archive.errors import BrokerUnavailable, DatabaseUnavailable, QueueMismatch, UsageError, describe
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
@@ -70,12 +71,44 @@ def queue_arguments(settings: Settings) -> dict[str, Any]:
     if settings.queue_max_bytes is not None:
         arguments["x-max-length-bytes"] = settings.queue_max_bytes
         arguments["x-overflow"] = "drop-head"
+        # Dropped messages are dead-lettered to a queue of their own, only to be counted.
+        arguments["x-dead-letter-exchange"] = ""
+        arguments["x-dead-letter-routing-key"] = dropped_queue(settings)
     return arguments
+
+
+def dropped_queue(settings: Settings) -> str:
+    """The queue that receives what the archive queue drops when QUEUE_MAX_BYTES is reached."""
+    return f"{settings.queue}.dropped"
+
+
+def dropped_from(properties_raw: bytes) -> tuple[str, str]:
+    """Exchange and routing key of a dead-lettered message, from its first x-death entry."""
+    try:
+        headers = decode_properties(properties_raw).headers or []
+    except CodecError:
+        return "?", "?"
+    for key, (letter, value) in headers:
+        if key == b"x-death" and letter == "A" and value and value[0][0] == "F":
+            death = {entry_key: entry_value for entry_key, (_, entry_value) in value[0][1]}
+            exchange = death.get(b"exchange", b"?")
+            keys = death.get(b"routing-keys", [])
+            routing_key = keys[0][1] if keys and isinstance(keys[0][1], bytes) else b"?"
+            if isinstance(exchange, bytes):
+                return text_view(exchange), text_view(routing_key)
+    return "?", "?"
 
 
 async def declare_archive_queue(channel: aiormq.abc.AbstractChannel, settings: Settings, vhost: str) -> None:
     """Declare the durable archive queue, explaining a clash with an existing one in one line."""
     try:
+        if settings.queue_max_bytes is not None:
+            # Bounded as well: a long outage must not fill the broker through this queue.
+            await channel.queue_declare(
+                dropped_queue(settings),
+                durable=True,
+                arguments={"x-max-length": 10_000, "x-overflow": "drop-head"},
+            )
         await channel.queue_declare(settings.queue, durable=True, arguments=queue_arguments(settings))
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         raise QueueMismatch(
@@ -171,6 +204,8 @@ class VhostCapture:
                     name=f"bindings:{self._vhost}",
                 )
                 group.create_task(self._consume(channel, gate), name=f"consume:{self._vhost}")
+                if self._settings.queue_max_bytes is not None:
+                    await self._count_dropped(connection)
         except* (QueueMismatch, UsageError) as errors:
             raise errors.exceptions[0] from None
         except* BROKER_ERRORS as errors:
@@ -181,6 +216,26 @@ class VhostCapture:
             if not connection.is_closed:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await asyncio.wait_for(connection.close(), timeout=5)
+
+    async def _count_dropped(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Count and log each message the archive queue drops for QUEUE_MAX_BYTES (then forget it)."""
+        channel = await connection.channel()
+
+        async def on_dropped(message: aiormq.abc.DeliveredMessage) -> None:
+            exchange, routing_key = dropped_from(content_header.raw_properties(message.header))
+            self._metrics.dropped_messages.labels(self._vhost, exchange).inc()
+            log.error(
+                "message_dropped",
+                extra={
+                    "vhost": self._vhost,
+                    "exchange": exchange,
+                    "routing_key": routing_key,
+                    "bytes": len(message.body),
+                    "reason": "QUEUE_MAX_BYTES reached",
+                },
+            )
+
+        await channel.basic_consume(dropped_queue(self._settings), on_dropped, no_ack=True)
 
     async def _consume(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
         settings = self._settings

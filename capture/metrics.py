@@ -26,6 +26,12 @@ class CaptureMetrics:
             ["vhost"],
             registry=self.registry,
         )
+        self.dropped_messages = Counter(
+            "rabbit_archive_dropped_messages",
+            "Messages the archive queue dropped (oldest first) because QUEUE_MAX_BYTES was reached.",
+            ["vhost", "exchange"],
+            registry=self.registry,
+        )
         self.unstorable_messages = Counter(
             "rabbit_archive_unstorable_messages",
             "Messages stored with raw bytes only because their views could not be stored.",

@@ -244,3 +244,47 @@ def test_a_minute_long_database_outage_under_steady_load_loses_nothing(
         assert publisher.join() == total
         assert_exactly_once(database_url, total, timeout=120)
         assert queue_depth(services.amqp_host, services.amqp_port, vhost, "rabbit-archive") == 0
+
+
+def dropped_total(metrics: str) -> float:
+    """The sum of rabbit_archive_dropped_messages_total over its labels."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("rabbit_archive_dropped_messages_total{")
+    )
+
+
+def test_queue_cap_drops_oldest_during_an_outage_and_counts_every_dropped_message(
+    start_capture: Callable[..., CaptureProcess],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+    services: Services,
+) -> None:
+    total = 3_000
+    with TcpProxy(services.postgres_host, services.postgres_port) as proxy:
+        name = database_url.rsplit("/", 1)[1]
+        proxied = services.database_url(name, host="127.0.0.1", port=proxy.port)
+        daemon = start_capture(database_url=proxied, queue_max_bytes="100000", prefetch="100")
+        daemon.wait_bound(load_exchange)
+        proxy.block()
+        assert BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start().join() == total
+        wait_for(lambda: not daemon.ready(), 15, what="/readyz to report not ready")
+        wait_for(lambda: dropped_total(daemon.metrics()) > 0, 30, what="dropped messages counted")
+        proxy.unblock()
+        wait_for(daemon.ready, 60, what="/readyz to report ready again")
+        # Every message is either stored (once) or counted as dropped.
+        wait_for(
+            lambda: stored_counts(database_url)[0] + dropped_total(daemon.metrics()) >= total,
+            60,
+            what="stored + dropped = published",
+        )
+        time.sleep(1.5)
+        rows, distinct = stored_counts(database_url)
+        dropped = dropped_total(daemon.metrics())
+        assert rows == distinct
+        assert rows + dropped == total
+        assert dropped > total / 2  # the cap (100 kB) holds far fewer than 3,000 messages of 256 bytes
+        assert '"event": "message_dropped"' in daemon.log()
+        assert '"exchange": "load"' in daemon.log()
