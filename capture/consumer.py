@@ -1,6 +1,7 @@
 """The capture loop of one vhost: consume the archive queue, write batches, acknowledge after commit."""
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -154,8 +155,10 @@ class VhostCapture:
         self._url = settings.amqp_url_for(vhost)
         # Batches committed and acknowledged (with the ack fenced) whose fingerprints can go.
         self._forget: list[int] = []
-        # Acknowledged batches not yet fenced (no basic.qos round trip while reading is paused).
+        # Acknowledged batches not yet fenced by a basic.qos round trip (see _reply_is_cheap).
         self._unfenced: list[int] = []
+        # Largest body of each of the last few batches: a guess at what may be in flight.
+        self._recent_sizes: collections.deque[int] = collections.deque(maxlen=8)
 
     async def run(self) -> None:
         """Keep a broker session going until stop is set; return after the final flush."""
@@ -299,8 +302,11 @@ class VhostCapture:
                 if batcher.bytes < settings.buffer_max_bytes:
                     gate.resume()
                 idle_since = now
-            elif self._forget and now - idle_since > settings.flush_interval:
+            elif (self._forget or self._unfenced) and now - idle_since > settings.flush_interval:
+                # Idle: little can be in flight, so the fence's reply comes at once.
+                await self._fence(channel, gate)
                 await self._forget_fenced()
+                self._recent_sizes.clear()
         await self._drain(channel, consume_ok.consumer_tag or "", batcher, gate)
 
     async def _drain(
@@ -309,19 +315,22 @@ class VhostCapture:
         """Stop consuming, then write and acknowledge everything already delivered."""
         if channel.is_closed:
             return
-        if gate.paused:
+        if not self._reply_is_cheap(gate):
             # A CancelOk would sit behind everything the broker already pushed: store what
             # is held and leave the rest to the broker, which requeues it when we close.
             while len(batcher):
                 await self._flush(channel, batcher, gate)
             log.info("drained", extra={"vhost": self._vhost, "reading_paused": True})
             return
-        await channel.basic_cancel(consumer_tag)
+        with gate.held_open():
+            await channel.basic_cancel(consumer_tag)
         # Deliveries that arrived before CancelOk are still queued as callback tasks.
         for _ in range(3):
             await asyncio.sleep(0)
         while len(batcher):
             await self._flush(channel, batcher, gate)
+        if self._unfenced:
+            await self._fence(channel, gate)
         if self._forget:
             await self._forget_fenced()
         log.info("drained", extra={"vhost": self._vhost})
@@ -336,13 +345,10 @@ class VhostCapture:
         # Acknowledge only now that the rows are committed: a crash before this line means
         # redelivery, recognised by the pending fingerprints.
         await channel.basic_ack(batch[-1].delivery_tag, multiple=True)
-        # basic.qos is answered only after the broker processed the ack sent before it, so
-        # from here on these messages cannot come back and their fingerprints can go. While
-        # reading is paused its reply cannot be read, so the fence waits for a later batch.
         self._unfenced.append(batch_id)
-        if not gate.paused:
-            await channel.basic_qos(prefetch_count=self._settings.prefetch)
-            self._forget, self._unfenced = self._forget + self._unfenced, []
+        self._recent_sizes.append(max(len(item.body) for item in batch))
+        if self._reply_is_cheap(gate):
+            await self._fence(channel, gate)
         metrics = self._metrics
         for exchange, count in result.stored_by_exchange.items():
             metrics.messages_stored.labels(self._vhost, exchange).inc(count)
@@ -389,6 +395,24 @@ class VhostCapture:
                 # Keep retrying after stop too: the messages are safe in the queue either
                 # way, and the daemon's hard deadline ends this if the outage outlasts it.
                 await asyncio.sleep(backoff.next())
+
+    def _reply_is_cheap(self, gate: ReadGate) -> bool:
+        """Whether a request's reply can be awaited now without risking memory.
+
+        A reply comes after every delivery the broker already pushed: up to PREFETCH messages.
+        With small messages that is always within BUFFER_MAX_BYTES; with large ones the
+        reply is awaited only when idle, and never while reading is paused.
+        """
+        settings = self._settings
+        largest = max(self._recent_sizes, default=0)
+        return not gate.paused and settings.prefetch * largest <= settings.buffer_max_bytes
+
+    async def _fence(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
+        """basic.qos is answered only after the broker processed the acks sent before it: from
+        then on those messages cannot come back, and their fingerprints can go."""
+        with gate.held_open():
+            await channel.basic_qos(prefetch_count=self._settings.prefetch)
+        self._forget, self._unfenced = self._forget + self._unfenced, []
 
     async def _forget_fenced(self) -> None:
         forget, self._forget = self._forget, []

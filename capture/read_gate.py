@@ -7,6 +7,8 @@ queue (backpressure) until the daemon has committed and acknowledged what it hol
 """
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import aiormq
@@ -21,6 +23,7 @@ class ReadGate(aiormq.TransportFactory):
         self._inner: aiormq.TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
         self._transport: Any = None
         self._resume_reading: Any = None
+        self._held_open = 0
         self.paused = False
 
     async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -41,10 +44,22 @@ class ReadGate(aiormq.TransportFactory):
         return reader, writer
 
     def pause(self) -> None:
-        """Stop reading (replies to requests too: send none that must be answered while paused)."""
+        """Stop reading, unless a request awaits its reply (see held_open)."""
+        if self._held_open:
+            return
         if self._transport is not None and not self.paused and not self._transport.is_closing():
             self._transport.pause_reading()
             self.paused = True
+
+    @contextlib.contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Keep reading while a request awaits its reply: the reply may sit behind deliveries."""
+        self._held_open += 1
+        self.resume()
+        try:
+            yield
+        finally:
+            self._held_open -= 1
 
     def resume(self) -> None:
         """Read again."""

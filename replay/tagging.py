@@ -5,9 +5,10 @@ are appended to the header table (replacing earlier tags of the same name, so th
 replay of a replay carries one set), timestamps typed as AMQP timestamps, ids as longs.
 """
 
+import struct
 from dataclasses import dataclass
 
-from archive.amqp_codec import FieldValue, Table, decode_properties, encode_properties
+from archive.amqp_codec import FieldValue, Table, decode_properties, encode_properties, encode_table
 
 REPLAY_ID = b"x-replay-id"
 REPLAY_ARCHIVE_ID = b"x-replay-archive-id"
@@ -55,7 +56,6 @@ def tagged_properties(
 
     Raises archive.amqp_codec.CodecError when the stored bytes cannot be decoded.
     """
-    props = decode_properties(properties_raw)
     added: list[tuple[bytes, FieldValue]] = [
         (REPLAY_ID, ("S", tag.replay_id.encode())),
         (REPLAY_ARCHIVE_ID, ("l", archive_id)),
@@ -66,6 +66,12 @@ def tagged_properties(
     ]
     if tag.reason:
         added.append((REPLAY_REASON, ("S", tag.reason.encode())))
+    props = decode_properties(properties_raw)  # validates, and raises CodecError for garbage
+    if new_message_id is None and not any(key in _REPLACED for key, _ in props.headers or ()):
+        # The common case: the tags appended to the table's bytes, nothing re-encoded.
+        spliced = _append_entries(properties_raw, encode_table(added)[4:])
+        if spliced is not None:
+            return spliced
     if new_message_id is not None:
         if props.message_id is not None:
             added.append((REPLAY_OF, ("S", props.message_id)))
@@ -75,6 +81,56 @@ def tagged_properties(
     kept: Table = [entry for entry in props.headers or () if entry[0] not in replaced]
     props.headers = kept + added
     return encode_properties(props)
+
+
+# Keys a replay sets (or replaces): a table holding one of them is rebuilt, not appended to.
+_REPLACED = frozenset(_TAGS - {REPLAY_OF})
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_HEADERS_BIT = 1 << 13
+_SHORTSTRS_BEFORE_HEADERS = (1 << 15, 1 << 14)  # content_type, content_encoding
+
+
+def _append_entries(properties_raw: bytes, entries: bytes) -> bytes | None:
+    """The property bytes with encoded table entries appended to the header table (None: malformed)."""
+    if len(properties_raw) < 2:
+        return None
+    flags = _U16.unpack_from(properties_raw, 0)[0]
+    if flags & 1:
+        return None
+    position = 2
+    for bit in _SHORTSTRS_BEFORE_HEADERS:
+        if flags & bit:
+            if position >= len(properties_raw):
+                return None
+            position += 1 + properties_raw[position]
+    if position > len(properties_raw):
+        return None
+    if not flags & _HEADERS_BIT:
+        return b"".join(
+            (
+                _U16.pack(flags | _HEADERS_BIT),
+                properties_raw[2:position],
+                _U32.pack(len(entries)),
+                entries,
+                properties_raw[position:],
+            )
+        )
+    if position + 4 > len(properties_raw):
+        return None
+    length = _U32.unpack_from(properties_raw, position)[0]
+    end = position + 4 + length
+    if end > len(properties_raw):
+        return None
+    return b"".join(
+        (
+            properties_raw[:position],
+            _U32.pack(length + len(entries)),
+            properties_raw[position + 4 : end],
+            entries,
+            properties_raw[end:],
+        )
+    )
 
 
 def is_tag(key: bytes) -> bool:
