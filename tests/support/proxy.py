@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl as ssl_module
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -78,7 +79,14 @@ class _Connection:
 class TcpProxy:
     """Forward TCP connections from an ephemeral local port to ``target_host:target_port``."""
 
-    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        listen_host: str = "127.0.0.1",
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.ssl = ssl  # when set, clients speak TLS to the proxy (it terminates TLS)
         self.target_host = target_host
         self.target_port = target_port
         self.listen_host = listen_host
@@ -212,7 +220,7 @@ class TcpProxy:
 
     async def _listen(self) -> asyncio.Server:
         accept, host = self._accept, self.listen_host
-        server = await asyncio.start_server(accept, host, 0, limit=CHUNK_SIZE)
+        server = await asyncio.start_server(accept, host, 0, limit=CHUNK_SIZE, ssl=self.ssl)
         self._port = int(server.sockets[0].getsockname()[1])
         return server
 
