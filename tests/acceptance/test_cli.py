@@ -263,3 +263,42 @@ def test_capture_recovers_when_the_archive_queue_is_deleted(
         return bool(rows[0][0])
 
     wait_for(captured, 20, interval=0.5, what="capture after the queue came back")
+
+
+def test_no_password_appears_in_logs_status_metrics_or_replay_output(
+    start_capture: Callable[..., CaptureProcess],
+    capture_env: dict[str, str],
+    pika_channel: Any,
+    database_url: str,
+    services: Any,
+) -> None:
+    # The same secret in every URL: the broker's and the management API's password.
+    secret = "guest"
+    assert f":{secret}@" in capture_env["RABBIT_ARCHIVE_AMQP_URL"]
+    env = {
+        **capture_env,
+        "RABBIT_ARCHIVE_MANAGEMENT_URL": services.management_url.replace("://", f"://guest:{secret}@"),
+    }
+    daemon = start_capture(management_url=env["RABBIT_ARCHIVE_MANAGEMENT_URL"], log_level="DEBUG")
+    pika_channel.exchange_declare("secret-test", "fanout", durable=True)
+    daemon.wait_bound("secret-test")
+    pika_channel.basic_publish("secret-test", "", b"x")
+    wait_for(lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] == 1, 30)
+    outputs = [daemon.log(), daemon.metrics()]
+    for args in (("status",), ("status", "--json")):
+        result = capture_command(env, *args)
+        outputs += [result.stdout, result.stderr]
+    replay = subprocess.run(
+        [command("rabbit-replay"), "find", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    outputs += [replay.stdout, replay.stderr]
+    daemon.stop()
+    outputs.append(daemon.log())
+    for output in outputs:
+        assert f":{secret}@" not in output
+        assert f"guest:{secret}" not in output
