@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from archive.errors import DatabaseUnavailable, describe
+from archive.errors import AccessRefused, DatabaseUnavailable, describe
 from config.settings import mask_url
 
 # A connection of its own or one borrowed from a pool: both run the same queries.
@@ -67,8 +67,9 @@ async def create_pool(
             "run 'rabbit-capture migrate' or create it"
         ) from None
     except asyncpg.InsufficientPrivilegeError as error:
-        raise DatabaseUnavailable(
-            f"PostgreSQL at {mask_url(url)} refused: {error.args[0] if error.args else error}"
+        raise AccessRefused(
+            f"PostgreSQL at {mask_url(url)} refused: {error.args[0] if error.args else error} "
+            "(see 'Least privilege' in README.md)"
         ) from None
     except asyncpg.InvalidPasswordError:
         raise DatabaseUnavailable(f"PostgreSQL at {mask_url(url)} rejected the credentials") from None

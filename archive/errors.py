@@ -25,6 +25,10 @@ class QueueMismatch(UsageError):
     """The archive queue exists with arguments other than the configured ones."""
 
 
+class AccessRefused(UsageError):
+    """RabbitMQ or PostgreSQL refused an operation: the configured user lacks a permission."""
+
+
 def describe(error: BaseException) -> str:
     """A short, secret-free description of a driver or socket error: its first line."""
     text = str(error) or type(error).__name__

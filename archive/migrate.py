@@ -4,7 +4,10 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import asyncpg
+
 from archive.db import Connection
+from archive.errors import AccessRefused, describe
 
 # One lock id for the whole product: replicas starting together take turns.
 MIGRATION_LOCK_ID = 0x7261626269740001
@@ -45,7 +48,22 @@ def latest_version() -> int:
 
 
 async def apply_migrations(connection: Connection) -> list[int]:
-    """Bring the schema up to date; returns the versions applied now (empty when current)."""
+    """Bring the schema up to date; returns the versions applied now (empty when current).
+
+    A role without the rights for it is one AccessRefused line.
+    """
+    try:
+        return await _apply(connection)
+    except asyncpg.InsufficientPrivilegeError as error:
+        user = await connection.fetchval("SELECT current_user")
+        raise AccessRefused(
+            f"PostgreSQL refused to apply the archive schema as {user!r} ({describe(error)}): the "
+            "capture role needs CREATE on the database and must own schema rabbit_archive "
+            "(see 'Least privilege' in README.md)"
+        ) from None
+
+
+async def _apply(connection: Connection) -> list[int]:
     applied_now = []
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)

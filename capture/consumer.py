@@ -14,7 +14,14 @@ from pamqp import commands
 
 from archive import content_header
 from archive.amqp_codec import CodecError, decode_properties, text_view
-from archive.errors import BrokerUnavailable, DatabaseUnavailable, QueueMismatch, UsageError, describe
+from archive.errors import (
+    AccessRefused,
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    QueueMismatch,
+    UsageError,
+    describe,
+)
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
 from capture.health import Health
@@ -120,7 +127,7 @@ async def declare_archive_queue(channel: aiormq.abc.AbstractChannel, settings: S
     except aiormq.exceptions.ChannelAccessRefused as error:
         raise UsageError(
             f"the broker refused to declare queue {settings.queue!r} in vhost {vhost!r} "
-            f"({_reply_text(error)}): the user needs configure and read permission on it"
+            f"({_reply_text(error)}): the user needs configure permission on it"
         ) from None
 
 
@@ -155,6 +162,7 @@ class VhostCapture:
         self._url = settings.amqp_url_for(vhost)
         # Batches committed and acknowledged (with the ack fenced) whose fingerprints can go.
         self._forget: list[int] = []
+        self._ever_connected = False
         # Acknowledged batches not yet fenced by a basic.qos round trip (see _reply_is_cheap).
         self._unfenced: list[int] = []
         # Largest body of each of the last few batches: a guess at what may be in flight.
@@ -191,8 +199,25 @@ class VhostCapture:
                 ),
                 timeout=15,
             )
+        except aiormq.exceptions.ProbableAuthenticationError:
+            if self._ever_connected:  # the broker may be restarting: retry
+                raise BrokerUnavailable(f"RabbitMQ at {mask_url(self._url)} refused the login") from None
+            raise AccessRefused(
+                f"RabbitMQ at {mask_url(self._url)} rejected the credentials: check RABBIT_ARCHIVE_AMQP_URL"
+            ) from None
+        except aiormq.exceptions.InvalidFrameError as error:
+            # aiormq reports the broker's Connection.Close answering Connection.Open (vhost
+            # missing, or no permissions in it) this way, without the reply text.
+            if "Connection.Close" not in str(error) or self._ever_connected:
+                # Later on, a vhost that is not up yet is a broker restart still in progress.
+                raise BrokerUnavailable(f"cannot talk to {mask_url(self._url)}: {describe(error)}") from None
+            raise AccessRefused(
+                f"RabbitMQ did not let the user of {mask_url(self._url)} into vhost {self._vhost!r}: the "
+                "vhost does not exist or the user has no permissions there"
+            ) from None
         except BROKER_ERRORS as error:
             raise BrokerUnavailable(f"cannot connect to {mask_url(self._url)}: {describe(error)}") from error
+        self._ever_connected = True
         try:
             channel = await connection.channel()
             await declare_archive_queue(channel, self._settings, self._vhost)
@@ -279,7 +304,13 @@ class VhostCapture:
 
         channel.closing.add_done_callback(lambda _: wake.set())
         channel.on_consumer_cancel_callbacks.add(on_cancel)
-        consume_ok = await channel.basic_consume(settings.queue, on_message)
+        try:
+            consume_ok = await channel.basic_consume(settings.queue, on_message)
+        except aiormq.exceptions.ChannelAccessRefused as error:
+            raise AccessRefused(
+                f"RabbitMQ refused to consume queue {settings.queue!r} in vhost {self._vhost!r} "
+                f"({_reply_text(error)}): the user needs read permission on it"
+            ) from None
         self._health.set_consuming(self._vhost, True)
         self._metrics.connected.labels(self._vhost).set(1)
         idle_since = loop.time()

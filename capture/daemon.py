@@ -7,7 +7,12 @@ import asyncpg
 
 from archive import content_header
 from archive.db import create_pool
-from archive.errors import ArchiveError, DatabaseUnavailable, UsageError
+from archive.errors import (
+    ArchiveError,
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    UsageError,
+)
 from archive.migrate import apply_migrations
 from capture.consumer import Backoff, VhostCapture, sleep_unless
 from capture.discovery import BindingKeeper
@@ -35,8 +40,11 @@ async def open_database(
             pool = await create_pool(
                 settings.database_url, create_database=True, max_size=4, command_timeout=60
             )
-            async with pool.acquire() as connection:
-                applied = await apply_migrations(connection)
+            try:
+                applied = await _migrate(pool)
+            except BaseException:
+                await pool.close()
+                raise
             if applied:
                 log.info("schema_migrated", extra={"versions": applied})
             health.set_database_ok(True)
@@ -46,6 +54,25 @@ async def open_database(
             log.warning("database_unavailable", extra={"error": str(error)})
             await sleep_unless(stop, backoff.next())
     return None
+
+
+async def check_management_access(api: ManagementApi, vhosts: tuple[str, ...]) -> None:
+    """Stop at start, in one line (AccessRefused), when the management API refuses the user.
+
+    A management API that cannot be reached is only logged: discovery retries it.
+    """
+    for vhost in vhosts:
+        try:
+            await api.exchanges(vhost)
+        except BrokerUnavailable as error:
+            log.warning("management_unavailable", extra={"error": str(error)})
+            return
+
+
+async def _migrate(pool: "asyncpg.Pool[asyncpg.Record]") -> list[int]:
+    """Apply the schema on one connection of the pool."""
+    async with pool.acquire() as connection:
+        return await apply_migrations(connection)
 
 
 async def _heartbeat(health: Health, stop: asyncio.Event) -> None:
@@ -82,6 +109,7 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
             vhosts = settings.capture_vhosts
             if vhosts == ("*",):
                 vhosts = tuple(await api.vhosts())
+            await check_management_access(api, vhosts)
             health.vhosts = vhosts
             keeper = BindingKeeper(settings, api, metrics)
             async with asyncio.TaskGroup() as group:

@@ -1,23 +1,38 @@
-"""The few RabbitMQ management API calls rabbit-archive makes, through httpx."""
+"""The few RabbitMQ management API calls rabbit-archive makes, through httpx.
 
+They need a user with the `management` tag and permissions (any) in each captured vhost;
+a refusal becomes one AccessRefused line that says which of the two is missing.
+"""
+
+import logging
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from archive.errors import BrokerUnavailable, UsageError
+from archive.errors import AccessRefused, BrokerUnavailable, UsageError
 from config.settings import Settings
+
+log = logging.getLogger("rabbit_archive.capture.management")
+
+
+class ManagementClient(httpx.AsyncClient):
+    """An httpx client that remembers which user it authenticates as (for error messages)."""
+
+    user: str = ""
 
 
 def management_client(settings: Settings) -> httpx.AsyncClient:
     """An HTTP client for MANAGEMENT_URL with the right credentials and CA."""
     verify: Any = str(settings.management_ca_file) if settings.management_ca_file else True
-    return httpx.AsyncClient(
+    client = ManagementClient(
         base_url=settings.management_base,
         auth=settings.management_auth,
         timeout=httpx.Timeout(10.0),
         verify=verify,
     )
+    client.user = settings.management_auth[0]
+    return client
 
 
 def _vhost(vhost: str) -> str:
@@ -29,8 +44,37 @@ class ManagementApi:
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
+        self._user = getattr(client, "user", "") or "?"
+        self._policies_refused = False
 
-    async def _get(self, path: str, *, missing_ok: bool = False) -> Any:
+    def _refused(self, path: str, response: httpx.Response, vhost: str | None) -> AccessRefused:
+        """One line saying which right the management API found missing."""
+        try:
+            reason = str(response.json().get("reason") or "")
+        except (ValueError, AttributeError):
+            reason = ""
+        user = self._user
+        if reason == "Login failed":
+            return AccessRefused(
+                f"the management API at {self._client.base_url} rejected the credentials of user "
+                f"{user!r}: check RABBIT_ARCHIVE_MANAGEMENT_URL (or the user of RABBIT_ARCHIVE_AMQP_URL)"
+            )
+        if reason == "Not management user":
+            return AccessRefused(
+                f"the management API refused user {user!r}: it needs the 'management' tag "
+                f"(rabbitmqctl set_user_tags {user} management)"
+            )
+        if "virtual host" in reason and vhost is not None:
+            return AccessRefused(
+                f"the management API refused user {user!r} access to vhost {vhost!r}: give it "
+                f"permissions there (rabbitmqctl set_permissions -p {vhost} {user} ...)"
+            )
+        return AccessRefused(
+            f"the management API refused {path} to user {user!r} ({response.status_code}"
+            f"{': ' + reason if reason else ''}): it needs the 'management' tag and permissions in the vhost"
+        )
+
+    async def _get(self, path: str, *, missing_ok: bool = False, vhost: str | None = None) -> Any:
         try:
             response = await self._client.get(path)
         except httpx.HTTPError as error:
@@ -41,10 +85,7 @@ class ManagementApi:
         if response.status_code == 404 and missing_ok:
             return None
         if response.status_code in (401, 403):
-            raise UsageError(
-                f"management API refused {path} ({response.status_code}): the user needs the "
-                "'monitoring' tag (or 'management' with access to the vhost)"
-            )
+            raise self._refused(path, response, vhost)
         if response.status_code >= 400:
             raise BrokerUnavailable(f"management API answered {response.status_code} to {path}")
         try:
@@ -56,26 +97,38 @@ class ManagementApi:
 
     async def exchanges(self, vhost: str) -> list[dict[str, Any]]:
         """Every exchange of the vhost, as the API lists them."""
-        result: list[dict[str, Any]] = await self._get(f"/api/exchanges/{_vhost(vhost)}")
+        result: list[dict[str, Any]] = await self._get(f"/api/exchanges/{_vhost(vhost)}", vhost=vhost)
         return result
 
     async def bindings(self, vhost: str) -> list[dict[str, Any]]:
         """Every binding of the vhost."""
-        result: list[dict[str, Any]] = await self._get(f"/api/bindings/{_vhost(vhost)}")
+        result: list[dict[str, Any]] = await self._get(f"/api/bindings/{_vhost(vhost)}", vhost=vhost)
         return result
 
     async def policies(self, vhost: str) -> dict[str, dict[str, Any]]:
         """Policy name -> definition; empty when the user may not list policies."""
         try:
-            items = await self._get(f"/api/policies/{_vhost(vhost)}")
-        except UsageError:
+            items = await self._get(f"/api/policies/{_vhost(vhost)}", vhost=vhost)
+        except UsageError as error:
+            # RabbitMQ 3.10 shows policies to 'management' users; where a version does not,
+            # alternate exchanges set by policy go unnoticed: say so once.
+            if not self._policies_refused:
+                self._policies_refused = True
+                log.warning(
+                    "policies_unreadable",
+                    extra={
+                        "vhost": vhost,
+                        "error": str(error),
+                        "effect": "alternate exchanges set by policy are not detected",
+                    },
+                )
             return {}
         return {item.get("name", ""): item.get("definition") or {} for item in items}
 
     async def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         """One queue's details (depth, consumers), or None when it does not exist."""
         result: dict[str, Any] | None = await self._get(
-            f"/api/queues/{_vhost(vhost)}/{quote(name, safe='')}", missing_ok=True
+            f"/api/queues/{_vhost(vhost)}/{quote(name, safe='')}", missing_ok=True, vhost=vhost
         )
         return result
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 
 from archive.db import CONNECTION_ERRORS
-from archive.errors import ArchiveError, DatabaseUnavailable, UsageError, describe
+from archive.errors import AccessRefused, ArchiveError, DatabaseUnavailable, UsageError, describe
 from config.settings import Settings, mask_url
 from replay import history, selection
 from replay.filters import Filters
@@ -26,10 +26,48 @@ from replay.tagging import Tag
 
 SAMPLES = 5
 
+# The table privileges each kind of command needs in schema rabbit_archive (plus USAGE on
+# the schema); README.md, "Least privilege", lists them as GRANTs.
+READ: tuple[tuple[str, str], ...] = (("SELECT", "messages"), ("SELECT", "schema_migrations"))
+READ_HISTORY = (*READ, ("SELECT", "replays"))
+WRITE_HISTORY = (*READ_HISTORY, ("INSERT", "replays"), ("UPDATE", "replays"))
+
+# By object id, so that a role without USAGE on the schema gets the whole list, not an error.
+_MISSING_PRIVILEGES = """
+SELECT missing FROM (
+    SELECT 0::bigint AS position, 'USAGE on schema rabbit_archive' AS missing
+    FROM pg_namespace AS n
+    WHERE n.nspname = 'rabbit_archive' AND NOT has_schema_privilege(n.oid, 'USAGE')
+    UNION ALL
+    SELECT w.position, w.privilege || ' on rabbit_archive.' || w.relname
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(privilege, relname, position)
+    JOIN pg_namespace AS n ON n.nspname = 'rabbit_archive'
+    JOIN pg_class AS c ON c.relnamespace = n.oid AND c.relname = w.relname
+    WHERE NOT has_table_privilege(c.oid, w.privilege)
+) AS found
+ORDER BY position
+"""
+GRANTS_HINT = "see 'Least privilege' in README.md for the GRANTs"
+
+
+async def check_privileges(
+    connection: "asyncpg.Connection[asyncpg.Record]", needs: tuple[tuple[str, str], ...]
+) -> None:
+    """AccessRefused naming every missing privilege, before anything is done (or published)."""
+    rows = await connection.fetch(
+        _MISSING_PRIVILEGES, [privilege for privilege, _ in needs], [table for _, table in needs]
+    )
+    if rows:
+        user = await connection.fetchval("SELECT current_user")
+        missing = ", ".join(dict.fromkeys(row[0] for row in rows))
+        raise AccessRefused(f"PostgreSQL user {user!r} lacks {missing}: {GRANTS_HINT}")
+
 
 @contextlib.asynccontextmanager
-async def archive_connection(settings: Settings) -> AsyncIterator["asyncpg.Connection[asyncpg.Record]"]:
-    """A connection to the archive database with jsonb decoded, its schema checked."""
+async def archive_connection(
+    settings: Settings, needs: tuple[tuple[str, str], ...] = READ
+) -> AsyncIterator["asyncpg.Connection[asyncpg.Record]"]:
+    """A connection to the archive database with jsonb decoded, its schema and privileges checked."""
     url = settings.database_url
     try:
         connection = await asyncpg.connect(url)
@@ -45,10 +83,15 @@ async def archive_connection(settings: Settings) -> AsyncIterator["asyncpg.Conne
         raise DatabaseUnavailable(f"cannot reach PostgreSQL at {mask_url(url)}: {describe(error)}") from None
     try:
         await selection.setup_codecs(connection)
+        await check_privileges(connection, needs)
         await history.check_schema(connection)
         yield connection
     except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable(f"lost PostgreSQL at {mask_url(url)}: {describe(error)}") from None
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise AccessRefused(
+            f"PostgreSQL at {mask_url(url)} refused: {describe(error)}; {GRANTS_HINT}"
+        ) from None
     finally:
         with contextlib.suppress(*CONNECTION_ERRORS):
             await connection.close(timeout=5)
@@ -75,7 +118,7 @@ async def show(settings: Settings, archive_id: int) -> ArchivedMessage:
 
 async def replays(settings: Settings) -> list[ReplayRecord]:
     """The replay history, oldest first."""
-    async with archive_connection(settings) as connection:
+    async with archive_connection(settings, READ_HISTORY) as connection:
         return await history.all_replays(connection)
 
 
@@ -205,6 +248,12 @@ async def _run_job(
         status, error_text = "failed", str(error)
         raise
     except ArchiveError as error:
+        if publisher.refused is not None:
+            # A publish the broker refused (no write permission) surfaces as a lost channel.
+            status, error_text = "failed", str(publisher.refused)
+            raise AccessRefused(
+                f"{publisher.refused}; once granted: rabbit-replay resume {job.replay_id}"
+            ) from None
         status, error_text = "interrupted", str(error)
         raise
     finally:
@@ -233,6 +282,8 @@ async def run(
         url, vhost = _publish_url(settings, request, preview)
         preview.vhost = vhost
         show_preview(preview)
+        if preview.selected and not request.dry_run:
+            await check_privileges(connection, WRITE_HISTORY)
         if preview.selected == 0 or request.dry_run:
             if not request.dry_run:
                 publisher = Publisher(url, vhost)
@@ -297,7 +348,7 @@ async def resume(
     progress: Progress,
 ) -> Outcome:
     """Continue an interrupted replay after its confirmed cursor, with the same replay id."""
-    async with archive_connection(settings) as connection:
+    async with archive_connection(settings, WRITE_HISTORY) as connection:
         record = await history.get(connection, replay_id)
         if record.status == "completed":
             raise UsageError(

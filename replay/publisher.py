@@ -3,7 +3,9 @@
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 import aiormq.abc
@@ -11,7 +13,7 @@ from pamqp import commands
 
 from archive import content_header
 from archive.amqp_codec import CodecError, decode_properties
-from archive.errors import BrokerUnavailable, UsageError, describe
+from archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe
 from config.settings import mask_url
 from replay.tagging import REPLAY_ARCHIVE_ID
 
@@ -26,6 +28,15 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     TimeoutError,
 )
+
+
+def _reply_text(error: BaseException) -> str:
+    """The broker's reply text of a channel or connection close (the error's text otherwise)."""
+    for argument in getattr(error, "args", ()):
+        text = getattr(argument, "reply_text", None)
+        if text:
+            return str(text)
+    return describe(error)
 
 
 class Nacked(Exception):
@@ -44,6 +55,13 @@ class Publisher:
         self._sequence = 0
         self.returned = 0
         self.returned_ids: list[int] = []
+        # Set when the broker refused a publish for lack of write permission (the channel
+        # is closed then; the replay fails with this one line instead of "lost the broker").
+        self.refused: AccessRefused | None = None
+
+    @property
+    def _user(self) -> str:
+        return unquote(urlsplit(self._url).username or "guest")
 
     async def connect(self) -> None:
         """Open the connection and the confirm channel."""
@@ -53,6 +71,23 @@ class Publisher:
         try:
             self._connection = await aiormq.connect(self._url)
             self._channel = cast(aiormq.Channel, await self._connection.channel(publisher_confirms=True))
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise AccessRefused(
+                f"RabbitMQ at {mask_url(self._url)} rejected the credentials of user {self._user!r}: "
+                "check RABBIT_ARCHIVE_AMQP_URL"
+            ) from None
+        except aiormq.exceptions.InvalidFrameError as error:
+            # aiormq reports the broker's Connection.Close answering Connection.Open (vhost
+            # missing, or no permissions in it) this way, without the reply text.
+            if "Connection.Close" not in str(error):
+                raise BrokerUnavailable(
+                    f"cannot talk to RabbitMQ at {mask_url(self._url)}: {describe(error)}"
+                ) from None
+            raise AccessRefused(
+                f"RabbitMQ did not let user {self._user!r} into vhost {self._vhost!r}: the vhost does not "
+                f"exist or the user has no permissions there (rabbitmqctl set_permissions -p "
+                f"{self._vhost} {self._user} '^$' '<write regex>' '^$')"
+            ) from None
         except BROKER_ERRORS as error:
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {mask_url(self._url)}: {describe(error)}"
@@ -134,8 +169,8 @@ class Publisher:
             name=f"replay-publish-{self._sequence}",
         )
 
-    @staticmethod
     async def _confirmed(
+        self,
         channel: aiormq.Channel,
         exchange: str,
         routing_key: str,
@@ -153,6 +188,27 @@ class Publisher:
             )
         except aiormq.exceptions.DeliveryError as error:
             raise Nacked(str(error.frame)) from None
+        except aiormq.exceptions.ChannelAccessRefused as error:
+            if self.refused is None:
+                self.refused = self._publish_refused(exchange, _reply_text(error))
+            raise self.refused from None
+
+    def _publish_refused(self, exchange: str, text: str) -> AccessRefused:
+        # Every publish in flight fails with the same reply; it names the refused exchange.
+        named = re.search(r"access to exchange '(.*)' in vhost '", text)
+        if named:
+            exchange = "" if named.group(1) == "amq.default" else named.group(1)
+        if "access to topic" in text:
+            need = "topic write permission for the routing keys replayed"
+        elif exchange:
+            need = f"write permission on exchange {exchange!r}"
+        else:
+            # RabbitMQ checks a publish to the default exchange (--to-queue) against the
+            # name 'amq.default', whatever the queue.
+            need = "write permission on the default exchange (its write regex must match 'amq.default')"
+        return AccessRefused(
+            f"RabbitMQ refused to publish in vhost {self._vhost!r} ({text}): user {self._user!r} needs {need}"
+        )
 
     async def close(self) -> None:
         """Close the connection (confirms still outstanding are abandoned)."""
