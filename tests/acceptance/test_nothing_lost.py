@@ -288,3 +288,35 @@ def test_queue_cap_drops_oldest_during_an_outage_and_counts_every_dropped_messag
         assert dropped > total / 2  # the cap (100 kB) holds far fewer than 3,000 messages of 256 bytes
         assert '"event": "message_dropped"' in daemon.log()
         assert '"exchange": "load"' in daemon.log()
+
+
+def stored_total(metrics: str) -> float:
+    """The sum of rabbit_archive_messages_stored_total over its labels."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("rabbit_archive_messages_stored_total{")
+    )
+
+
+def test_two_daemons_one_active_consumer_takes_over_after_sigkill_in_publish_order(
+    start_capture: Callable[..., CaptureProcess], amqp_url: str, database_url: str, load_exchange: str
+) -> None:
+    total = 20_000
+    first, second = start_capture(), start_capture()
+    first.wait_bound(load_exchange)
+    publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start()
+    wait_for(lambda: stored_counts(database_url)[0] > 3000, 30, what="capture under way")
+    # x-single-active-consumer: exactly one daemon has stored anything.
+    stored = {daemon: stored_total(daemon.metrics()) for daemon in (first, second)}
+    active = max(stored, key=lambda daemon: stored[daemon])
+    standby = second if active is first else first
+    assert stored[standby] == 0
+    active.kill()
+    wait_for(lambda: stored_total(standby.metrics()) > 0, 15, what="the standby to take over")
+    assert publisher.join() == total
+    assert_exactly_once(database_url, total)
+    archived = [
+        row[0] for row in run_sql(database_url, "SELECT message_id FROM rabbit_archive.messages ORDER BY id")
+    ]
+    assert archived == [f"m-{index}" for index in range(total)]  # archive order is publish order
