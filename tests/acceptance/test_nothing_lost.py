@@ -1,5 +1,6 @@
 """Nothing lost, nothing stored twice: SIGKILL, SIGTERM, broker and PostgreSQL outages under load."""
 
+import os
 import signal
 import subprocess
 import time
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_sql
-from tests.support.daemon import CaptureProcess, wait_for
+from tests.support.daemon import CaptureProcess, command, wait_for
 from tests.support.load import BackgroundPublisher, queue_depth
 from tests.support.proxy import TcpProxy
 from tests.support.services import Services
@@ -320,3 +321,43 @@ def test_two_daemons_one_active_consumer_takes_over_after_sigkill_in_publish_ord
         row[0] for row in run_sql(database_url, "SELECT message_id FROM rabbit_archive.messages ORDER BY id")
     ]
     assert archived == [f"m-{index}" for index in range(total)]  # archive order is publish order
+
+
+def test_prune_during_load_drops_old_days_and_loses_nothing_being_written(
+    start_capture: Callable[..., CaptureProcess],
+    capture_env: dict[str, str],
+    amqp_url: str,
+    database_url: str,
+    load_exchange: str,
+) -> None:
+    total = 15_000
+    daemon = start_capture()
+    daemon.wait_bound(load_exchange)
+    # A month of old days, each in its own partition, 1,000 rows a day.
+    run_sql(database_url, "SELECT rabbit_archive.ensure_partitions(current_date - 40, 30)")
+    run_sql(
+        database_url,
+        """INSERT INTO rabbit_archive.messages
+               (captured_at, vhost, exchange, routing_key, redelivered, properties_raw, properties,
+                body, body_size)
+           SELECT current_date - 40 + (i % 30) + time '12:00', '/', 'old', 'rk', false, '\\x0000',
+                  '{}', 'b', 1
+           FROM generate_series(1, 30000) AS i""",
+    )
+    publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start()
+    wait_for(lambda: stored_counts(database_url)[0] > 30_000 + 1000, 20, what="capture under way")
+    result = subprocess.run(
+        [command("rabbit-capture"), "prune", "--older-than", "10d", "--yes"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}, **capture_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dropped 30 daily partitions" in result.stdout  # whole days, not rows
+    assert publisher.join() == total
+    old = run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages WHERE exchange = 'old'")
+    assert old[0][0] == 0
+    run_sql(database_url, "DELETE FROM rabbit_archive.messages WHERE exchange = 'old'")
+    assert_exactly_once(database_url, total)
