@@ -16,6 +16,7 @@ from archive.errors import (
 from archive.migrate import apply_migrations
 from capture.consumer import Backoff, VhostCapture, sleep_unless
 from capture.discovery import BindingKeeper
+from capture.events import watch_topology_events
 from capture.health import Health
 from capture.http import HealthServer
 from capture.management import ManagementApi, management_client
@@ -115,6 +116,10 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
             async with asyncio.TaskGroup() as group:
                 group.create_task(_heartbeat(health, stop), name="heartbeat")
                 group.create_task(_maintain_partitions(store, settings, stop), name="partitions")
+                group.create_task(
+                    watch_topology_events(settings, settings.event_vhost, keeper.nudge, stop),
+                    name="topology-events",
+                )
                 for vhost in vhosts:
                     capture = VhostCapture(settings, vhost, store, metrics, health, stop, keeper)
                     group.create_task(capture.run(), name=f"capture:{vhost}")

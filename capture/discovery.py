@@ -42,6 +42,14 @@ class BindingKeeper:
         # vhost -> exchange -> when the broker last refused binding it.
         self._refused: dict[str, dict[str, float]] = {}
         self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
+        # Set by topology events (capture.events) to reconcile a vhost before its interval ends.
+        self._nudged: dict[str, asyncio.Event] = {}
+
+    def nudge(self, vhost: str) -> None:
+        """Reconcile the vhost now (an exchange or binding changed)."""
+        event = self._nudged.get(vhost)
+        if event is not None:
+            event.set()
 
     async def plan(self, vhost: str) -> tuple[BindingPlan, frozenset[ArchiveBinding]]:
         """The bindings the archive queue should have in the vhost, and those it has."""
@@ -67,7 +75,9 @@ class BindingKeeper:
         permission on it): the daemon cannot do its job and says so in one line.
         """
         channels = Channels(connection)
+        nudged = self._nudged.setdefault(vhost, asyncio.Event())
         while not stop.is_set():
+            nudged.clear()
             try:
                 await self.reconcile_once(channels, vhost)
             except ArchiveQueueRefused:
@@ -80,11 +90,14 @@ class BindingKeeper:
             except aiormq.exceptions.ChannelClosed as error:
                 self._metrics.errors.labels("discovery").inc()
                 log.warning("binding_failed", extra={"vhost": vhost, "error": _reply_text(error)})
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(nudged.wait())]
             try:
-                async with asyncio.timeout(self._settings.discovery_interval):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+                await asyncio.wait(
+                    waiters, timeout=self._settings.discovery_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
     async def reconcile_once(self, channels: "Channels", vhost: str) -> None:
         """One round: bind what is missing, unbind what is no longer wanted.

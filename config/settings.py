@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     binding_mode: Literal["all", "mirror"] = "all"
     source: Literal["bindings", "firehose"] = "bindings"
     discovery_interval: float = Field(default=5.0, gt=0)
+    # Where the rabbitmq_event_exchange plugin publishes (its `vhost` setting, "/" by default).
+    event_vhost: str = "/"
     prefetch: int = Field(default=4000, ge=1, le=65535)
     batch_size: int = Field(default=1000, ge=1)
     batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)

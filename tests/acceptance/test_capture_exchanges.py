@@ -202,3 +202,21 @@ def test_two_vhosts_are_captured_by_one_daemon_into_one_archive(
         }
     finally:
         management.delete(f"/api/vhosts/{other}")
+
+
+def test_with_the_event_plugin_a_new_exchange_is_bound_within_a_second(
+    start_capture: Callable[..., CaptureProcess], pika_channel: Any, database_url: str
+) -> None:
+    # The periodic re-read is a minute away: only the broker's exchange.created event can be this quick.
+    daemon = start_capture(discovery_interval="60")
+    wait_for(lambda: "watching_topology_events" in daemon.log(), 15, what="the event watcher")
+    pika_channel.exchange_declare("born-late", "topic", durable=True)
+    declared = time.monotonic()
+    daemon.wait_bound("born-late", timeout=5)
+    assert time.monotonic() - declared < 1.5
+    pika_channel.basic_publish("born-late", "a.b", b"captured", pika.BasicProperties(message_id="late-1"))
+    wait_for(
+        lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] == 1,
+        10,
+        what="the message on the new exchange captured",
+    )
