@@ -22,6 +22,7 @@ from archive.errors import (
     UsageError,
     describe,
 )
+from capture import firehose
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
 from capture.health import Health
@@ -227,10 +228,16 @@ class VhostCapture:
                 extra={"vhost": self._vhost, "queue": self._settings.queue, "url": mask_url(self._url)},
             )
             async with asyncio.TaskGroup() as group:
-                group.create_task(
-                    self._bindings.keep(connection, self._vhost, self._stop),
-                    name=f"bindings:{self._vhost}",
-                )
+                if self._settings.source == "firehose":
+                    # One binding sees every publish of the vhost, default exchange included.
+                    await channel.queue_bind(
+                        self._settings.queue, firehose.TRACE_EXCHANGE, firehose.PUBLISH_EVENTS
+                    )
+                else:
+                    group.create_task(
+                        self._bindings.keep(connection, self._vhost, self._stop),
+                        name=f"bindings:{self._vhost}",
+                    )
                 group.create_task(self._consume(channel, gate), name=f"consume:{self._vhost}")
                 if self._settings.queue_max_bytes is not None:
                     await self._count_dropped(connection)
@@ -268,20 +275,31 @@ class VhostCapture:
     async def _consume(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
         settings = self._settings
         batcher = Batcher(settings.batch_size, settings.batch_max_bytes, settings.flush_interval)
+        firehose_source = settings.source == "firehose"
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             # The archive consumer only ever receives Basic.Deliver frames.
             delivery = cast(commands.Basic.Deliver, message.delivery)
+            exchange: str = delivery.exchange or ""
+            routing_key: str = delivery.routing_key or ""
+            properties_raw = content_header.raw_properties(message.header)
+            if firehose_source and exchange == firehose.TRACE_EXCHANGE:
+                traced = firehose.original_message(properties_raw)
+                if traced is not None:
+                    # Names as pamqp would have decoded them (see archive.records.name_columns).
+                    exchange = traced[0].decode("utf-8", "surrogateescape")
+                    routing_key = traced[1].decode("utf-8", "surrogateescape")
+                    properties_raw = traced[2]
+            # Basic.Deliver always carries a tag.
             batcher.add(
                 Delivery(
-                    # Basic.Deliver always carries a tag and a routing key.
                     delivery.delivery_tag,  # type: ignore[arg-type]
                     delivery.redelivered,
-                    delivery.exchange,
-                    delivery.routing_key,  # type: ignore[arg-type]
-                    content_header.raw_properties(message.header),
+                    exchange,
+                    routing_key,
+                    properties_raw,
                     message.body,
                 ),
                 loop.time(),

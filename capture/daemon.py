@@ -1,7 +1,9 @@
 """`rabbit-capture run`: wires settings, database, broker sessions, discovery and the HTTP endpoint."""
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -11,7 +13,6 @@ from archive.errors import (
     ArchiveError,
     BrokerUnavailable,
     DatabaseUnavailable,
-    UsageError,
 )
 from archive.migrate import apply_migrations
 from capture.consumer import Backoff, VhostCapture, sleep_unless
@@ -113,18 +114,41 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
             await check_management_access(api, vhosts)
             health.vhosts = vhosts
             keeper = BindingKeeper(settings, api, metrics)
-            async with asyncio.TaskGroup() as group:
+            async with _tracing(api, vhosts, settings.source == "firehose"), asyncio.TaskGroup() as group:
                 group.create_task(_heartbeat(health, stop), name="heartbeat")
                 group.create_task(_maintain_partitions(store, settings, stop), name="partitions")
-                group.create_task(
-                    watch_topology_events(settings, settings.event_vhost, keeper.nudge, stop),
-                    name="topology-events",
-                )
+                if settings.source == "bindings":
+                    group.create_task(
+                        watch_topology_events(settings, settings.event_vhost, keeper.nudge, stop),
+                        name="topology-events",
+                    )
                 for vhost in vhosts:
                     capture = VhostCapture(settings, vhost, store, metrics, health, stop, keeper)
                     group.create_task(capture.run(), name=f"capture:{vhost}")
     finally:
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _tracing(api: ManagementApi, vhosts: tuple[str, ...], wanted: bool) -> AsyncIterator[None]:
+    """For SOURCE=firehose: tracing on in each vhost while capturing, then as it was before."""
+    if not wanted:
+        yield
+        return
+    before = {vhost: await api.tracing(vhost) for vhost in vhosts}
+    try:
+        for vhost in vhosts:
+            await api.set_tracing(vhost, True)
+        log.info("tracing_on", extra={"vhosts": list(vhosts)})
+        yield
+    finally:
+        for vhost, was_on in before.items():
+            if not was_on:
+                try:
+                    await api.set_tracing(vhost, False)
+                except ArchiveError as error:
+                    log.error("tracing_not_restored", extra={"vhost": vhost, "error": str(error)})
+        log.info("tracing_restored", extra={"vhosts": list(vhosts)})
 
 
 async def _outcome(main: "asyncio.Task[None]") -> None:
@@ -145,8 +169,6 @@ async def _outcome(main: "asyncio.Task[None]") -> None:
 
 async def run_daemon(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT; raise ArchiveError for what the operator must fix."""
-    if settings.source == "firehose":
-        raise UsageError("RABBIT_ARCHIVE_SOURCE=firehose is not available in this version; use 'bindings'")
     content_header.install()
     stop = asyncio.Event()
     health = Health()

@@ -132,6 +132,27 @@ class ManagementApi:
         )
         return result
 
+    async def tracing(self, vhost: str) -> bool:
+        """Whether the broker's firehose tracer is on for the vhost."""
+        item = await self._get(f"/api/vhosts/{_vhost(vhost)}", vhost=vhost)
+        return bool(item.get("tracing"))
+
+    async def set_tracing(self, vhost: str, on: bool) -> None:
+        """Turn the firehose tracer on or off for the vhost (needs the 'administrator' tag)."""
+        try:
+            response = await self._client.put(f"/api/vhosts/{_vhost(vhost)}", json={"tracing": on})
+        except httpx.HTTPError as error:
+            raise BrokerUnavailable(
+                f"management API at {self._client.base_url} unreachable: {error!s}"
+            ) from None
+        if response.status_code in (401, 403):
+            raise AccessRefused(
+                f"the management API refused to switch tracing for vhost {vhost!r}: SOURCE=firehose needs "
+                "a user with the 'administrator' tag"
+            )
+        if response.status_code >= 400:
+            raise BrokerUnavailable(f"management API answered {response.status_code} to switching tracing")
+
     async def vhosts(self) -> list[str]:
         """Names of every vhost."""
         items = await self._get("/api/vhosts")

@@ -10,6 +10,7 @@ from typing import Any
 import pika
 import pytest
 
+from archive.amqp_codec import decode_properties
 from archive.migrate import latest_version
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, command, wait_for
@@ -61,9 +62,47 @@ def test_existing_queue_with_other_arguments_is_one_line_exit_2(
     assert_one_line_error(result, 2, "rabbit-archive", "RABBIT_ARCHIVE_QUEUE")
 
 
-def test_firehose_source_is_refused_until_it_exists(capture_env: dict[str, str]) -> None:
-    result = capture_command({**capture_env, "RABBIT_ARCHIVE_SOURCE": "firehose"}, "run")
-    assert_one_line_error(result, 2, "firehose")
+def test_firehose_source_captures_the_default_exchange_and_restores_tracing(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    database_url: str,
+    management: Any,
+    vhost: str,
+) -> None:
+    def tracing() -> bool:
+        return bool(management.get(f"/api/vhosts/{vhost}").json().get("tracing"))
+
+    assert not tracing()
+    daemon = start_capture(source="firehose")
+    wait_for(tracing, 15, what="tracing switched on")
+    pika_channel.queue_declare("direct-inbox", durable=True)
+    # Straight into a queue through the default exchange: no binding could see this one.
+    pika_channel.basic_publish(
+        "",
+        "direct-inbox",
+        b"via the default exchange",
+        pika.BasicProperties(message_id="fh-1", headers={"n": 1, "big": 2**40}, content_type="text/plain"),
+    )
+    wait_for(
+        lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] == 1,
+        15,
+        what="the traced message stored",
+    )
+    row = run_sql(
+        database_url,
+        "SELECT exchange, routing_key, body, message_id, properties_raw FROM rabbit_archive.messages",
+    )[0]
+    assert (row["exchange"], row["routing_key"], row["body"], row["message_id"]) == (
+        "",
+        "direct-inbox",
+        b"via the default exchange",
+        "fh-1",
+    )
+    props = decode_properties(row["properties_raw"])
+    assert props.content_type == b"text/plain"
+    assert props.headers == [(b"n", ("I", 1)), (b"big", ("l", 2**40))]  # as pika encoded them
+    assert daemon.stop() == 0
+    assert not tracing()
 
 
 def test_unreachable_database_makes_status_exit_1_in_one_line(capture_env: dict[str, str]) -> None:
