@@ -32,6 +32,19 @@ COUNT_MESSAGES = "SELECT count(*) FROM rabbit_archive.messages"
 
 NEWEST_CAPTURE = "SELECT max(captured_at) FROM rabbit_archive.messages"
 
+# Rows and body bytes per vhost and exchange over the last hour and day (the day's partitions only).
+RECENT_BY_EXCHANGE = """
+SELECT vhost, exchange,
+       count(*) FILTER (WHERE captured_at > now() - interval '1 hour') AS rows_last_hour,
+       coalesce(sum(body_size) FILTER (WHERE captured_at > now() - interval '1 hour'), 0) AS bytes_last_hour,
+       count(*) AS rows_last_day,
+       coalesce(sum(body_size), 0) AS bytes_last_day
+FROM rabbit_archive.messages
+WHERE captured_at > now() - interval '1 day'
+GROUP BY vhost, exchange
+ORDER BY vhost, exchange
+"""
+
 # Daily partitions entirely older than the cutoff, oldest first.
 PARTITIONS_BEFORE = """
 SELECT c.relname

@@ -56,13 +56,19 @@ def migrate() -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Show bindings, skipped exchanges, queue depth, rows stored and the newest capture."""
+    """Show bindings, skipped exchanges, queue depth, rows stored and the newest capture.
+
+    Exits 1 when no daemon consumes an archive queue, so it can serve as a probe.
+    """
     settings = settings_or_exit()
     report = run_async(lambda: collect_status(settings))
     if as_json:
         print(json.dumps(report))
-        return
-    _print_status(report)
+    else:
+        _print_status(report)
+    if not report["capturing"]:
+        # A probe: non-zero while no daemon consumes an archive queue.
+        fail("capture is not running: no consumer on the archive queue (is rabbit-capture run up?)", 1)
 
 
 def _binding_text(binding: dict[str, Any]) -> str:
@@ -90,6 +96,19 @@ def _print_status(report: dict[str, Any]) -> None:
         if item["exchange"] and not item["exchange"].startswith("amq.rabbitmq."):
             skipped.add_row(item["vhost"], item["exchange"], item["type"], item["reason"])
     console.print(skipped)
+    recent = Table(title="stored in the last hour / day")
+    for column in ("vhost", "exchange", "rows 1h", "bytes 1h", "rows 24h", "bytes 24h"):
+        recent.add_column(column)
+    for item in report["stored_by_exchange"]:
+        recent.add_row(
+            item["vhost"],
+            item["exchange"],
+            *(
+                str(item[key])
+                for key in ("rows_last_hour", "bytes_last_hour", "rows_last_day", "bytes_last_day")
+            ),
+        )
+    console.print(recent)
     console.print(
         f"queue depth {report['queue_depth']}, consumers {report['consumers']}, "
         f"rows {report['rows']}, newest capture {report['newest_captured_at']}, "

@@ -169,6 +169,16 @@ def test_status_json_reports_bindings_skips_and_counts(
         "newest_captured_at",
         "schema_version",
     }
+    assert report["capturing"] is True
+    recent = {item["exchange"]: item for item in report["stored_by_exchange"]}
+    assert (recent["events"]["rows_last_hour"], recent["events"]["bytes_last_hour"]) == (3, 3)
+    assert (recent["events"]["rows_last_day"], recent["events"]["bytes_last_day"]) == (3, 3)
+    # As a probe: with the daemon stopped, status says so and exits 1.
+    assert daemon.stop() == 0
+    stopped = capture_command({**capture_env, "RABBIT_ARCHIVE_EXCLUDE": "private.*"}, "status", "--json")
+    assert stopped.returncode == 1
+    assert json.loads(stopped.stdout)["capturing"] is False
+    assert "not running" in stopped.stderr
 
 
 def test_direct_bindings_follow_other_queues_and_are_removed_when_they_go(
