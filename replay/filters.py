@@ -220,8 +220,10 @@ class _Query:
         self.conditions.append(condition)
 
 
-def where_clause(filters: Filters, *, after_id: int | None = None) -> tuple[str, list[Any]]:
-    """The WHERE clause (without the keyword) and its parameters; after_id is a keyset cursor."""
+def where_clause(
+    filters: Filters, *, after_id: int | None = None, through_id: int | None = None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (without the keyword) and its parameters; after_id/through_id bound a page."""
     q = _Query()
     if filters.exchanges:
         q.add(f"exchange = ANY({q.param(list(filters.exchanges))}::text[])")
@@ -245,6 +247,8 @@ def where_clause(filters: Filters, *, after_id: int | None = None) -> tuple[str,
         q.add(f"id <= {q.param(filters.upto_id)}::bigint")
     if after_id is not None:
         q.add(f"id > {q.param(after_id)}::bigint")
+    if through_id is not None:
+        q.add(f"id <= {q.param(through_id)}::bigint")
     for key, value in filters.headers:
         # `?` lets an index on headers help; `->>` compares the text form of any JSON value,
         # so --header attempt=3 matches the integer 3 and the string "3" alike.

@@ -37,6 +37,7 @@ ORDER BY messages DESC, vhost, exchange, routing_key
 _NEWEST_ID = "SELECT max(id) FROM rabbit_archive.messages"
 
 PAGE_ROWS = 500
+ID_WINDOW = 2 * PAGE_ROWS
 PAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -99,15 +100,24 @@ async def messages(
     page_rows: int = PAGE_ROWS,
     page_bytes: int = PAGE_BYTES,
 ) -> AsyncIterator[ArchivedMessage]:
-    """Every selected message with an id above after_id, in id order, page by page."""
+    """Every selected message with an id above after_id, in id order, page by page.
+
+    Each page looks at one window of archive ids (`id > cursor AND id <= cursor + width`), so
+    the primary key's order does the work: a page never sorts the whole selection, which made
+    an id-ordered walk of a large selection quadratic. The window widens while it finds little.
+    """
     cursor = after_id
     remaining = limit
-    while remaining is None or remaining > 0:
+    newest = filters.upto_id if filters.upto_id is not None else await newest_id(connection)
+    width = ID_WINDOW
+    while (remaining is None or remaining > 0) and cursor < newest:
         want = page_rows if remaining is None else min(page_rows, remaining)
-        where, params = where_clause(filters, after_id=cursor)
+        through = min(cursor + width, newest)
+        where, params = where_clause(filters, after_id=cursor, through_id=through)
         candidates = await connection.fetch(_PAGE_IDS.format(where=where, limit=want), *params)
-        if not candidates:
-            return
+        if len(candidates) < want:
+            # The window is exhausted; a sparse selection gets a wider one next time.
+            width = width * 2 if len(candidates) < want // 2 else width
         ids: list[int] = []
         size = 0
         for row in candidates:
@@ -115,13 +125,13 @@ async def messages(
                 break
             ids.append(row["id"])
             size += row["body_size"]
-        for record in await connection.fetch(_ROWS_BY_ID, ids):
-            yield _message(record)
-        cursor = ids[-1]
-        if remaining is not None:
-            remaining -= len(ids)
-        if len(candidates) < want and len(ids) == len(candidates):
-            return
+        if ids:
+            for record in await connection.fetch(_ROWS_BY_ID, ids):
+                yield _message(record)
+            if remaining is not None:
+                remaining -= len(ids)
+        window_done = len(candidates) < want and len(ids) == len(candidates)
+        cursor = through if window_done else ids[-1]
 
 
 async def message(connection: Connection, archive_id: int) -> ArchivedMessage:
