@@ -1,0 +1,5 @@
+"""python -m bench: the benchmark run by scripts/bench."""
+
+from bench.run import main
+
+main()

@@ -1,0 +1,157 @@
+"""What every benchmark phase shares: addresses, the benchmark messages, a confirming publisher, /proc."""
+
+import asyncio
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+import aio_pika
+import asyncpg
+from rich.console import Console
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672"
+MANAGEMENT = "http://127.0.0.1:15672"
+POSTGRES = "postgresql://root@127.0.0.1:5432"
+EXCHANGE = "bench"  # the backlog: drained by both consumers, then replayed
+STEADY_EXCHANGE = "bench-steady"  # the steady load: kept apart so that `--exchange bench` selects the backlog
+# The replay's publisher bounds: 500 confirms in flight and 16 MiB of bodies (replay/runner.py).
+REPLAY_WINDOW = 500
+REPLAY_WINDOW_BYTES = 16 * 1024 * 1024
+# Publishing the backlog (not measured): a wider window, still bounded in bytes.
+BACKLOG_WINDOW = 1000
+BACKLOG_WINDOW_BYTES = 64 * 1024 * 1024
+log = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many messages of what size one run uses, and the time limits that follow from them."""
+
+    messages: int
+    body_size: int
+
+    @property
+    def body(self) -> bytes:
+        """The body of every message: random bytes, so PostgreSQL cannot compress big ones away."""
+        return random.Random(self.body_size).randbytes(self.body_size)
+
+    def timeout(self, count: int | None = None, per_second: int = 500) -> float:
+        """A generous limit for moving count messages (default: all): 60 s + 2 ms each + 10 MB/s."""
+        count = self.messages if count is None else count
+        return 60 + count / per_second + count * self.body_size / 10_000_000
+
+
+def esc(vhost: str) -> str:
+    """A vhost name as one URL path segment."""
+    return quote(vhost, safe="")
+
+
+def amqp_url(vhost: str) -> str:
+    """The broker URL of a vhost."""
+    return f"{AMQP}/{esc(vhost)}"
+
+
+def message(index: int, body: bytes, **extra_headers: Any) -> aio_pika.Message:
+    """The index-th benchmark message: the body, 3 headers (plus extra ones), persistent."""
+    headers: dict[str, Any] = {"seq": index, "source": "bench", "tenant": f"t-{index % 7}"}
+    headers |= extra_headers
+    return aio_pika.Message(
+        body, message_id=f"m-{index}", headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+    )
+
+
+def window_size(body_size: int, count: int, max_bytes: int) -> int:
+    """Publishes in flight under both bounds: count messages and max_bytes of bodies."""
+    return max(1, min(count, -(-max_bytes // max(body_size, 1))))
+
+
+async def publish(
+    vhost: str,
+    sizes: Sizes,
+    *,
+    exchange: str = EXCHANGE,
+    queue: str | None = None,
+    window: int = BACKLOG_WINDOW,
+    window_bytes: int = BACKLOG_WINDOW_BYTES,
+) -> float:
+    """Publish sizes.messages messages with confirms, a sliding window of them in flight; returns seconds.
+
+    To `exchange` with routing keys bench.0..bench.9, or with `queue` straight into that queue through
+    the default exchange. The time runs from the first publish to the last confirm.
+    """
+    body = sizes.body
+    in_flight = window_size(sizes.body_size, window, window_bytes)
+    async with await aio_pika.connect(amqp_url(vhost)) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        target = channel.default_exchange if queue else await channel.get_exchange(exchange, ensure=False)
+        pending: deque[asyncio.Task[Any]] = deque()
+        try:
+            started = time.perf_counter()
+            for index in range(sizes.messages):
+                while len(pending) >= in_flight:
+                    await pending.popleft()
+                routing_key = queue or f"bench.{index % 10}"
+                publishing = target.publish(message(index, body), routing_key=routing_key)
+                pending.append(asyncio.create_task(publishing))
+            await asyncio.gather(*pending)
+            return time.perf_counter() - started
+        finally:
+            await cancel(pending)
+
+
+async def cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks not done yet and wait for them all, their outcome ignored."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def admin_sql(sql: str) -> None:
+    """Run one statement in the server's postgres database, on a fresh connection (retried 3 times)."""
+    for attempt in range(3):
+        try:
+            admin = await asyncpg.connect(f"{POSTGRES}/postgres")
+            try:
+                await admin.execute(sql)
+            finally:
+                await admin.close()
+            return
+        except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError):
+            if attempt == 2:
+                raise
+            await asyncio.sleep(1)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def log_tail(output: IO[bytes]) -> str:
+    """The last 4,000 characters written to a subprocess's log file."""
+    output.flush()
+    return Path(output.name).read_text(errors="replace")[-4000:]

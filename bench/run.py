@@ -1,0 +1,203 @@
+"""Benchmark rabbit-capture and rabbit-replay against plain aio-pika on the local broker and database.
+
+One run, in this order: a plain consumer draining N messages; `rabbit-capture run` draining the same
+N messages, then a steady publish load with capture latency; a plain confirming publisher of N
+messages; `rabbit-replay run` of the N archived messages into a fresh queue. Two fresh vhosts and a
+fresh database are used and deleted at the end, whatever happens. Run: scripts/bench --quick
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from bench import baseline, capture, replay
+from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, log
+
+QUICK_MESSAGES = 20_000
+DEFAULT_MESSAGES = 100_000
+STEADY_RATE = 1000
+STEADY_BYTES_PER_S = 32 * 1024 * 1024  # large bodies: the steady rate drops to stay under this
+# Issue 6's targets.
+DRAIN_RATIO_TARGET = 0.8
+P99_TARGET_MS = 250
+REPLAY_RATIO_TARGET = 0.8
+RSS_TARGET_MB = 200
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether (and where) the tracked files differ from it (taken at start)."""
+
+    def git(*args: str) -> str:
+        repository = Path(__file__).resolve().parent.parent
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=repository)
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    diff = hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()[:12] if changed else None
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(changed),
+        "changed": changed,
+        "diff_sha256": diff,  # tells apart runs of different uncommitted states
+    }
+
+
+async def measure(
+    sizes: Sizes, steady_rate: float, steady_seconds: float, analyze: bool, output: IO[bytes]
+) -> dict[str, Any]:
+    """Create two vhosts and a database, run every phase, and delete them again whatever happens."""
+    tag = uuid.uuid4().hex[:10]
+    vhosts = {"baseline": f"bench-{tag}-baseline", "capture": f"bench-{tag}-capture"}
+    database = f"bench_{tag}"
+    database_url = f"{POSTGRES}/{database}"
+    async with httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api:
+        try:
+            for vhost in vhosts.values():
+                (await api.put(f"/api/vhosts/{esc(vhost)}")).raise_for_status()
+                everything = {"configure": ".*", "write": ".*", "read": ".*"}
+                (await api.put(f"/api/permissions/{esc(vhost)}/guest", json=everything)).raise_for_status()
+            await admin_sql(f'CREATE DATABASE "{database}"')
+            consumer = await baseline.consumer(vhosts["baseline"], sizes)
+            captured = await capture.run(
+                api, vhosts["capture"], database_url, sizes, steady_rate, steady_seconds, output
+            )
+            publisher = await baseline.publisher(vhosts["baseline"], sizes)
+            replayed = await replay.run(vhosts["capture"], database_url, sizes, analyze, output)
+        finally:
+            for vhost in vhosts.values():
+                try:
+                    await api.delete(f"/api/vhosts/{esc(vhost)}")
+                except httpx.HTTPError as error:
+                    log.log(f"[red]could not delete vhost {vhost}: {error}")
+            try:
+                await admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.log(f"[red]could not drop database {database}: {error}")
+    captured["drain"]["ratio"] = captured["drain"]["msg_per_s"] / consumer["msg_per_s"]
+    replayed["ratio"] = replayed["publishing_msg_per_s"] / publisher["msg_per_s"]
+    replayed["incl_startup_ratio"] = replayed["incl_startup_msg_per_s"] / publisher["msg_per_s"]
+    return {
+        "baseline": {"consumer": consumer, "publisher": publisher},
+        "capture": captured,
+        "replay": replayed,
+    }
+
+
+def verdict(met: bool) -> str:
+    """A target's outcome for the table."""
+    return "[green]met" if met else "[red]missed"
+
+
+def yes_no(flag: bool) -> str:
+    """A flag for the table."""
+    return "yes" if flag else "no"
+
+
+def show(result: dict[str, Any]) -> None:
+    """Print the results as one table: phase, measure, value, target."""
+    consumer, publisher = result["baseline"]["consumer"], result["baseline"]["publisher"]
+    drain, steady, replayed = result["capture"]["drain"], result["capture"]["steady"], result["replay"]
+    table = Table(
+        title=f"rabbit-archive benchmark: {result['messages']:,} messages of {result['body_size']:,} bytes, "
+        f"commit {result['commit']}{' (dirty)' if result['dirty'] else ''}"
+    )
+    for header in ("phase", "measure", "value", "target"):
+        table.add_column(header, justify="right" if header == "value" else "left")
+    rows = [
+        ("baseline", "consumer drain msg/s", f"{consumer['msg_per_s']:,.0f}", ""),
+        ("", f"publisher msg/s ({publisher['in_flight']} confirms in flight)",
+         f"{publisher['msg_per_s']:,.0f}", ""),
+        ("capture", "drain msg/s (first→last row)", f"{drain['msg_per_s']:,.0f}", ""),
+        ("", "drain ÷ baseline consumer", f"{drain['ratio']:.2f}",
+         f"≥ {DRAIN_RATIO_TARGET}: {verdict(drain['ratio'] >= DRAIN_RATIO_TARGET)}"),
+        ("", "drain incl. start-up (s)", f"{drain['incl_startup_s']:.2f}", ""),
+        ("", "peak RSS MB (drain)", f"{drain['peak_rss_mb']:.1f}",
+         f"< {RSS_TARGET_MB} (for 200k msgs): {verdict(drain['peak_rss_mb'] < RSS_TARGET_MB)}"),
+        ("", "CPU s / 10k msgs (drain)", f"{drain['cpu_s_per_10k_msgs']:.2f}", ""),
+        ("", f"steady load msg/s x s (achieved {steady['achieved_msg_per_s']:,.0f})",
+         f"{steady['rate_msg_per_s']:,.0f} x {steady['seconds']:.0f}", ""),
+        ("", "latency p50 ms", f"{steady['latency_p50_ms']:.1f}", ""),
+        ("", "latency p99 ms", f"{steady['latency_p99_ms']:.1f}",
+         f"< {P99_TARGET_MS}: {verdict(steady['latency_p99_ms'] < P99_TARGET_MS)}"
+         if steady["rate_msg_per_s"] == STEADY_RATE else f"(< {P99_TARGET_MS} is for {STEADY_RATE:,} msg/s)"),
+        ("", "latency max ms", f"{steady['latency_max_ms']:.1f}", ""),
+        ("replay", "wall time s (whole command)", f"{replayed['wall_s']:.2f}", ""),
+        ("", "msg/s incl. start-up", f"{replayed['incl_startup_msg_per_s']:,.0f}", ""),
+        ("", "msg/s publishing only (history span)", f"{replayed['publishing_msg_per_s']:,.0f}", ""),
+        ("", "publishing only ÷ baseline publisher", f"{replayed['ratio']:.2f}",
+         f"≥ {REPLAY_RATIO_TARGET}: {verdict(replayed['ratio'] >= REPLAY_RATIO_TARGET)}"),
+        ("", "incl. start-up ÷ baseline publisher", f"{replayed['incl_startup_ratio']:.2f}", ""),
+        ("", "peak RSS MB", f"{replayed['peak_rss_mb']:.1f}", ""),
+        ("", "CPU s / 10k msgs", f"{replayed['cpu_s_per_10k_msgs']:.2f}", ""),
+        ("", "archive analyzed by PostgreSQL (before / after)",
+         f"{yes_no(replayed['archive_analyzed_before'])} / {yes_no(replayed['archive_analyzed_after'])}", ""),
+    ]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.width = max(console.width, 110)  # a pipe's default 80 columns would cut the rows
+    console.print(table)
+
+
+def main() -> None:
+    """Parse options, run the benchmark once, print the table and write the JSON."""
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_MESSAGES} messages, 5 s steady load")
+    parser.add_argument("--messages", type=int, help=f"messages per phase (default {DEFAULT_MESSAGES})")
+    parser.add_argument("--body-size", type=int, default=512, help="body bytes per message (default 512)")
+    parser.add_argument(
+        "--steady-rate",
+        type=float,
+        help=f"steady load msg/s (default {STEADY_RATE}, less for bodies over 32 KiB: 32 MiB/s at most)",
+    )
+    parser.add_argument("--steady-seconds", type=float, help="steady load duration (default 10, quick 5)")
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="ANALYZE the archive before the replay, as autovacuum would on a server where it is on",
+    )
+    parser.add_argument("--output", type=Path, default=Path("bench-results/bench.json"))
+    args = parser.parse_args()
+    count = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
+    if count < 2 * baseline.ACK_EVERY:
+        parser.error(f"--messages must be at least {2 * baseline.ACK_EVERY}")
+    if args.body_size < 0:
+        parser.error("--body-size must not be negative")
+    sizes = Sizes(count, args.body_size)
+    steady_rate = args.steady_rate or min(STEADY_RATE, STEADY_BYTES_PER_S / max(args.body_size, 1))
+    steady_seconds = args.steady_seconds or (5.0 if args.quick else 10.0)
+    if steady_rate * steady_seconds < 100:
+        parser.error("the steady load needs at least 100 messages: raise --steady-rate or --steady-seconds")
+    git = git_state()
+    with tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log") as output:
+        try:
+            measured = asyncio.run(measure(sizes, steady_rate, steady_seconds, args.analyze, output))
+        except KeyboardInterrupt:
+            log.log("interrupted (the vhosts and database it created are deleted unless reported above)")
+            sys.exit(130)
+    result = {
+        **git,
+        "messages": count,
+        "body_size": args.body_size,
+        "analyze": args.analyze,
+        **measured,
+        "total_s": time.perf_counter() - started,
+    }
+    show(result)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    log.log(f"total {result['total_s']:.1f} s; wrote {args.output}")
