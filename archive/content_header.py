@@ -8,11 +8,12 @@ one that keeps them and leaves decoding to archive.amqp_codec.
 
 import struct
 
-from pamqp import common, decode, header
+from pamqp import common, decode, encode, header
 
 _HEADER_PREFIX = struct.Struct(">HHQ")
 _original_unmarshal = header.ContentHeader.unmarshal
 _original_short_str = decode.METHODS["shortstr"]
+_original_encode_short_str = encode.METHODS["shortstr"]
 _installed = False
 
 
@@ -34,12 +35,25 @@ def _unmarshal_keeping_raw(self: header.ContentHeader, data: bytes) -> None:
     self.raw_properties = bytes(data[12:])  # type: ignore[attr-defined]
 
 
+def _encode_short_str_keeping_bytes(value: str) -> bytes:
+    # The inverse of _short_str_keeping_bytes: a name read with surrogate escapes (a routing
+    # key that is not UTF-8) goes back on the wire as the same bytes; valid text is unchanged.
+    if not isinstance(value, str):
+        raise TypeError(f"str required, received {type(value)}")
+    raw = value.encode("utf-8", "surrogateescape")
+    if len(raw) > 255:
+        raise TypeError("string exceeds maximum length of 255 bytes")
+    return bytes(common.Struct.byte.pack(len(raw))) + raw
+
+
 def install() -> None:
-    """Make every content header received in this process carry `raw_properties`."""
+    """Make every content header received in this process carry `raw_properties`, and let
+    short strings (exchange names, routing keys) carry any bytes both ways."""
     global _installed
     if not _installed:
         header.ContentHeader.unmarshal = _unmarshal_keeping_raw  # type: ignore[method-assign]
         decode.METHODS["shortstr"] = _short_str_keeping_bytes
+        encode.METHODS["shortstr"] = _encode_short_str_keeping_bytes
         _installed = True
 
 
@@ -48,6 +62,7 @@ def uninstall() -> None:
     global _installed
     header.ContentHeader.unmarshal = _original_unmarshal  # type: ignore[method-assign]
     decode.METHODS["shortstr"] = _original_short_str
+    encode.METHODS["shortstr"] = _original_encode_short_str
     _installed = False
 
 

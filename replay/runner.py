@@ -285,8 +285,9 @@ async def execute(
                     captured_at=int(message.captured_at.timestamp()),
                     new_message_id=str(uuid.uuid4()) if job.new_message_id else None,
                 )
-                routing_key.encode()
-                exchange.encode()
+                # Names that are not UTF-8 survive as surrogate escapes; they must fit a shortstr.
+                if len(routing_key.encode("utf-8", "surrogateescape")) > 255:
+                    raise CodecError("routing key longer than 255 bytes")
             except (CodecError, UnicodeEncodeError) as error:
                 # Stored bytes that cannot go on the wire again: reported, never silently dropped.
                 counts.skipped += 1

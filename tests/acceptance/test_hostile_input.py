@@ -145,6 +145,20 @@ def test_poison_messages_are_stored_losslessly_and_capture_carries_on(
     # Ordinary messages after each poison one were not held up (the 64 MB body included).
     assert elapsed < 30, elapsed
     assert daemon.ready()
+    # A routing key that is not UTF-8 goes back to its exchange as the same bytes: the daemon
+    # captures the replayed copy with that key.
+    bad = next(item for item in found if item["routing_key"].startswith("bad."))
+    ok(replay_command(capture_env, "run", "--from-id", str(bad["id"]), "--to-id", str(bad["id"]), "--yes"))
+    wait_for(
+        lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] == len(sent) + 1,
+        30,
+        what="the replayed copy captured",
+    )
+    copy = json_lines(ok(replay_command(capture_env, "find", "--include-replays", "--json")))[-1]
+    assert copy["replay_id"] is not None
+    shown_copy = json.loads(ok(replay_command(capture_env, "show", str(copy["id"]), "--json")))
+    assert base64.b64decode(shown_copy["routing_key_raw_base64"]) == b"bad.\xff\xfe.key"
+    assert base64.b64decode(shown_copy["body_base64"]) == b"\xff\xfe\xfd"
 
 
 def peak_rss_mb(pid: int) -> float:

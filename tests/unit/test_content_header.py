@@ -80,3 +80,14 @@ def test_row_views_are_json_and_raw_is_authoritative() -> None:
     assert "\\u0000" not in row["properties"]
     assert json.loads(row["headers"])["k"] != ""
     assert row["properties_raw"] == encode_properties(props)
+
+
+@pytest.mark.usefixtures("installed")
+def test_a_routing_key_read_with_surrogate_escapes_is_sent_back_as_the_same_bytes() -> None:
+    raw_key = b"bad.\xff\xfe.key\x00x"
+    received = raw_key.decode("utf-8", "surrogateescape")
+    publish = commands.Basic.Publish(exchange="orders", routing_key=received)
+    wire = frame.marshal(publish, 1)
+    assert bytes([len(raw_key)]) + raw_key in wire
+    # Valid text is encoded exactly as pamqp always did.
+    assert b"\x06orders" in wire
