@@ -33,3 +33,12 @@ def describe(error: BaseException) -> str:
     """A short, secret-free description of a driver or socket error: its first line."""
     text = str(error) or type(error).__name__
     return text.splitlines()[0]
+
+
+def reply_text(error: BaseException) -> str:
+    """The broker's reply text of a channel or connection close (the error's description otherwise)."""
+    for argument in getattr(error, "args", ()):
+        text = getattr(argument, "reply_text", None)
+        if text:
+            return str(text)
+    return describe(error)

@@ -21,7 +21,9 @@ from archive.errors import (
     QueueMismatch,
     UsageError,
     describe,
+    reply_text,
 )
+from archive.stopping import sleep_unless
 from capture import firehose
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
@@ -61,15 +63,6 @@ class Backoff:
     def reset(self) -> None:
         """Start again from the shortest delay (after a success)."""
         self._next = self._first
-
-
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep, returning early when stop is set."""
-    try:
-        async with asyncio.timeout(seconds):
-            await stop.wait()
-    except TimeoutError:
-        pass
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -122,22 +115,14 @@ async def declare_archive_queue(channel: aiormq.abc.AbstractChannel, settings: S
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         raise QueueMismatch(
             f"queue {settings.queue!r} in vhost {vhost!r} exists with other arguments "
-            f"({_reply_text(error)}); delete it (rabbitmqctl delete_queue -p {vhost} "
+            f"({reply_text(error)}); delete it (rabbitmqctl delete_queue -p {vhost} "
             f"{settings.queue}) after draining it, or set RABBIT_ARCHIVE_QUEUE to a new name"
         ) from None
     except aiormq.exceptions.ChannelAccessRefused as error:
         raise UsageError(
             f"the broker refused to declare queue {settings.queue!r} in vhost {vhost!r} "
-            f"({_reply_text(error)}): the user needs configure permission on it"
+            f"({reply_text(error)}): the user needs configure permission on it"
         ) from None
-
-
-def _reply_text(error: BaseException) -> str:
-    for argument in getattr(error, "args", ()):
-        text = getattr(argument, "reply_text", None)
-        if text:
-            return str(text)
-    return str(error)
 
 
 class VhostCapture:
@@ -327,7 +312,7 @@ class VhostCapture:
         except aiormq.exceptions.ChannelAccessRefused as error:
             raise AccessRefused(
                 f"RabbitMQ refused to consume queue {settings.queue!r} in vhost {self._vhost!r} "
-                f"({_reply_text(error)}): the user needs read permission on it"
+                f"({reply_text(error)}): the user needs read permission on it"
             ) from None
         self._health.set_consuming(self._vhost, True)
         self._metrics.connected.labels(self._vhost).set(1)

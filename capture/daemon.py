@@ -15,7 +15,8 @@ from archive.errors import (
     DatabaseUnavailable,
 )
 from archive.migrate import apply_migrations
-from capture.consumer import Backoff, VhostCapture, sleep_unless
+from archive.stopping import sleep_unless
+from capture.consumer import Backoff, VhostCapture
 from capture.discovery import BindingKeeper
 from capture.events import watch_topology_events
 from capture.health import Health

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlsplit
 import aiormq
 import aiormq.abc
 
-from archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe
+from archive.errors import AccessRefused, BrokerUnavailable, UsageError, reply_text
 from capture.binding_plan import (
     ArchiveBinding,
     BindingPlan,
@@ -89,7 +89,7 @@ class BindingKeeper:
                 log.warning("discovery_failed", extra={"vhost": vhost, "error": str(error)})
             except aiormq.exceptions.ChannelClosed as error:
                 self._metrics.errors.labels("discovery").inc()
-                log.warning("binding_failed", extra={"vhost": vhost, "error": _reply_text(error)})
+                log.warning("binding_failed", extra={"vhost": vhost, "error": reply_text(error)})
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(nudged.wait())]
             try:
                 await asyncio.wait(
@@ -162,7 +162,7 @@ class BindingKeeper:
                     queue, binding.exchange, binding.routing_key, arguments=binding.arguments
                 )
         except aiormq.exceptions.ChannelAccessRefused as error:
-            text = _reply_text(error)
+            text = reply_text(error)
             if "access to queue" in text:
                 raise ArchiveQueueRefused(
                     f"RabbitMQ refused to bind queue {queue!r} in vhost {vhost!r} ({text}): "
@@ -172,7 +172,7 @@ class BindingKeeper:
             self._refuse(vhost, binding.exchange, text)
             return False
         except aiormq.exceptions.ChannelNotFoundEntity as error:
-            text = _reply_text(error)
+            text = reply_text(error)
             if "no queue" in text:
                 raise
             # The exchange was deleted since the listing; the next round no longer plans it.
@@ -216,12 +216,3 @@ class Channels:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         return self._channel
-
-
-def _reply_text(error: BaseException) -> str:
-    """The broker's reply text of a channel or connection close (the error's text otherwise)."""
-    for argument in getattr(error, "args", ()):
-        text = getattr(argument, "reply_text", None)
-        if text:
-            return str(text)
-    return describe(error)

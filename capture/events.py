@@ -17,6 +17,7 @@ import aiormq.abc
 
 from archive import content_header
 from archive.amqp_codec import CodecError, decode_properties
+from archive.stopping import sleep_unless
 from config.settings import Settings, mask_url
 
 log = logging.getLogger("rabbit_archive.capture.events")
@@ -92,6 +93,4 @@ async def watch_topology_events(
                 with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, TimeoutError):
                     await asyncio.wait_for(connection.close(), 5)
         if not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RETRY_SECONDS):
-                    await stop.wait()
+            await sleep_unless(stop, RETRY_SECONDS)

@@ -66,9 +66,28 @@ def _console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=100_000)
 
 
-def _filters(**values: Any) -> Filters:
+# Command-line option name -> build_filters argument: the FILTERS every command shares.
+_FILTER_OPTIONS = {
+    "exchange": "exchanges",
+    "routing_key": "routing_key",
+    "since": "since",
+    "until": "until",
+    "from_id": "from_id",
+    "to_id": "to_id",
+    "header": "headers",
+    "message_id": "message_id",
+    "correlation_id": "correlation_id",
+    "body_contains": "body_contains",
+    "body_json": "body_json",
+    "vhost": "vhosts",
+    "include_replays": "include_replays",
+}
+
+
+def _filters(options: dict[str, Any]) -> Filters:
+    """The Filters of a command's FILTERS options (its parameters), or exit 2 naming the bad one."""
     try:
-        return build_filters(**values)
+        return build_filters(**{argument: options[option] for option, argument in _FILTER_OPTIONS.items()})
     except UsageError as error:
         fail(str(error), 2)
 
@@ -109,21 +128,7 @@ def find(
     ] = False,
 ) -> None:
     """List archived messages that match the filters, oldest first."""
-    filters = _filters(
-        exchanges=exchange,
-        routing_key=routing_key,
-        since=since,
-        until=until,
-        from_id=from_id,
-        to_id=to_id,
-        headers=header,
-        message_id=message_id,
-        correlation_id=correlation_id,
-        body_contains=body_contains,
-        body_json=body_json,
-        vhosts=vhost,
-        include_replays=include_replays,
-    )
+    filters = _filters(locals())
     settings = settings_or_exit()
     if count:
         print(run_async(lambda: operations.count(settings, filters)))
@@ -284,21 +289,7 @@ def export(
     ] = None,
 ) -> None:
     """Write matching messages as JSON Lines, byte for byte, for 'run --from-file' elsewhere."""
-    filters = _filters(
-        exchanges=exchange,
-        routing_key=routing_key,
-        since=since,
-        until=until,
-        from_id=from_id,
-        to_id=to_id,
-        headers=header,
-        message_id=message_id,
-        correlation_id=correlation_id,
-        body_contains=body_contains,
-        body_json=body_json,
-        vhosts=vhost,
-        include_replays=include_replays,
-    )
+    filters = _filters(locals())
     settings = settings_or_exit()
 
     async def write() -> int:
@@ -516,21 +507,7 @@ def run(
     ] = None,
 ) -> None:
     """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
-    filters = _filters(
-        exchanges=exchange,
-        routing_key=routing_key,
-        since=since,
-        until=until,
-        from_id=from_id,
-        to_id=to_id,
-        headers=header,
-        message_id=message_id,
-        correlation_id=correlation_id,
-        body_contains=body_contains,
-        body_json=body_json,
-        vhosts=vhost,
-        include_replays=include_replays,
-    )
+    filters = _filters(locals())
     if to_exchange is not None and to_queue is not None:
         fail("give --to-exchange or --to-queue, not both", 2)
     if from_file is not None:

@@ -13,7 +13,7 @@ from pamqp import commands
 
 from archive import content_header
 from archive.amqp_codec import CodecError, decode_properties
-from archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe
+from archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe, reply_text
 from config.settings import mask_url
 from replay.tagging import REPLAY_ARCHIVE_ID
 
@@ -28,15 +28,6 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     TimeoutError,
 )
-
-
-def _reply_text(error: BaseException) -> str:
-    """The broker's reply text of a channel or connection close (the error's text otherwise)."""
-    for argument in getattr(error, "args", ()):
-        text = getattr(argument, "reply_text", None)
-        if text:
-            return str(text)
-    return describe(error)
 
 
 class Nacked(Exception):
@@ -190,7 +181,7 @@ class Publisher:
             raise Nacked(str(error.frame)) from None
         except aiormq.exceptions.ChannelAccessRefused as error:
             if self.refused is None:
-                self.refused = self._publish_refused(exchange, _reply_text(error))
+                self.refused = self._publish_refused(exchange, reply_text(error))
             raise self.refused from None
 
     def _publish_refused(self, exchange: str, text: str) -> AccessRefused:

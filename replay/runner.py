@@ -18,6 +18,7 @@ from pathlib import Path
 from archive.amqp_codec import CodecError
 from archive.db import CONNECTION_ERRORS, Connection
 from archive.errors import ArchiveError, BrokerUnavailable, DatabaseUnavailable, UsageError, describe
+from archive.stopping import sleep_unless
 from replay import history, selection
 from replay.filters import Filters
 from replay.history import Target
@@ -257,7 +258,7 @@ async def execute(
             if stop.is_set():
                 break
             delay = pacer.delay()
-            if delay and await _sleep_unless(stop, delay):
+            if delay and await sleep_unless(stop, delay):
                 break
             if job.max_queue_depth is not None and job.target.queue is not None:
                 if depth_budget <= 0:
@@ -266,7 +267,7 @@ async def execute(
                     limit = max(job.max_queue_depth, 1)
                     await window.drain(STOP_GRACE)
                     while (queued := await publisher.queue_depth(job.target.queue)) >= limit:
-                        if await _sleep_unless(stop, 0.2):
+                        if await sleep_unless(stop, 0.2):
                             break
                     depth_budget = limit - queued
                 if stop.is_set():
@@ -325,13 +326,3 @@ async def execute(
     if stop.is_set():
         raise ReplayStopped("interrupted")
     return counts
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep; True when stop was set meanwhile."""
-    try:
-        async with asyncio.timeout(seconds):
-            await stop.wait()
-    except TimeoutError:
-        return False
-    return True

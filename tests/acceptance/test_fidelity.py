@@ -17,6 +17,7 @@ from archive.amqp_codec import Properties, Table, decode_properties, encode_prop
 from tests.acceptance.test_replay import json_lines, ok, replay_command
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for
+from tests.support.raw_frames import WireProperties
 
 pytestmark = pytest.mark.acceptance
 
@@ -73,17 +74,6 @@ EVERY_PROPERTY = {
     "app_id": b"fidelity-test",
     "cluster_id": b"c1",
 }
-
-
-class WireProperties:
-    """Property bytes handed to aiormq exactly as built (pamqp's header frame calls marshal())."""
-
-    def __init__(self, raw: bytes, message_id: str) -> None:
-        self.raw = raw
-        self.message_id = message_id
-
-    def marshal(self) -> bytes:
-        return self.raw
 
 
 async def publish_raw(amqp_url: str, exchange: str, messages: list[tuple[bytes, bytes]]) -> None:

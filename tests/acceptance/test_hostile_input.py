@@ -2,49 +2,21 @@
 
 import asyncio
 import base64
-import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
 import pytest
-from pamqp import common, encode
 
 from archive.amqp_codec import FieldValue, Properties, Table, encode_properties
 from tests.acceptance.test_replay import json_lines, ok, replay_command
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for
+from tests.support.raw_frames import WireProperties, any_bytes_in_short_strings
 
 pytestmark = pytest.mark.acceptance
-
-
-class WireProperties:
-    """Property bytes handed to aiormq exactly as built (pamqp's header frame calls marshal())."""
-
-    def __init__(self, raw: bytes, message_id: str) -> None:
-        self.raw = raw
-        self.message_id = message_id
-
-    def marshal(self) -> bytes:
-        return self.raw
-
-
-def _short_string_as_bytes(value: str) -> bytes:
-    raw = value.encode("utf-8", "surrogateescape")
-    return bytes(common.Struct.byte.pack(len(raw))) + raw
-
-
-@contextlib.contextmanager
-def any_bytes_in_short_strings() -> Iterator[None]:
-    """Let pamqp send routing keys that are not UTF-8 (surrogate-escaped str), as a raw client can."""
-    original = encode.METHODS["shortstr"]
-    encode.METHODS["shortstr"] = _short_string_as_bytes
-    try:
-        yield
-    finally:
-        encode.METHODS["shortstr"] = original
 
 
 def nested(depth: int) -> FieldValue:

@@ -17,6 +17,9 @@ from tests.support.services import Services
 
 pytestmark = pytest.mark.acceptance
 
+STORED = "rabbit_archive_messages_stored_total"
+DROPPED = "rabbit_archive_dropped_messages_total"
+
 
 def stored_counts(database_url: str) -> tuple[int, int]:
     """(rows, distinct message ids) in the archive."""
@@ -247,15 +250,6 @@ def test_a_minute_long_database_outage_under_steady_load_loses_nothing(
         assert queue_depth(services.amqp_host, services.amqp_port, vhost, "rabbit-archive") == 0
 
 
-def dropped_total(metrics: str) -> float:
-    """The sum of rabbit_archive_dropped_messages_total over its labels."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("rabbit_archive_dropped_messages_total{")
-    )
-
-
 def test_queue_cap_drops_oldest_during_an_outage_and_counts_every_dropped_message(
     start_capture: Callable[..., CaptureProcess],
     amqp_url: str,
@@ -272,32 +266,23 @@ def test_queue_cap_drops_oldest_during_an_outage_and_counts_every_dropped_messag
         proxy.block()
         assert BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start().join() == total
         wait_for(lambda: not daemon.ready(), 15, what="/readyz to report not ready")
-        wait_for(lambda: dropped_total(daemon.metrics()) > 0, 30, what="dropped messages counted")
+        wait_for(lambda: daemon.metric_total(DROPPED) > 0, 30, what="dropped messages counted")
         proxy.unblock()
         wait_for(daemon.ready, 60, what="/readyz to report ready again")
         # Every message is either stored (once) or counted as dropped.
         wait_for(
-            lambda: stored_counts(database_url)[0] + dropped_total(daemon.metrics()) >= total,
+            lambda: stored_counts(database_url)[0] + daemon.metric_total(DROPPED) >= total,
             60,
             what="stored + dropped = published",
         )
         time.sleep(1.5)
         rows, distinct = stored_counts(database_url)
-        dropped = dropped_total(daemon.metrics())
+        dropped = daemon.metric_total(DROPPED)
         assert rows == distinct
         assert rows + dropped == total
         assert dropped > total / 2  # the cap (100 kB) holds far fewer than 3,000 messages of 256 bytes
         assert '"event": "message_dropped"' in daemon.log()
         assert '"exchange": "load"' in daemon.log()
-
-
-def stored_total(metrics: str) -> float:
-    """The sum of rabbit_archive_messages_stored_total over its labels."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("rabbit_archive_messages_stored_total{")
-    )
 
 
 def test_two_daemons_one_active_consumer_takes_over_after_sigkill_in_publish_order(
@@ -309,12 +294,12 @@ def test_two_daemons_one_active_consumer_takes_over_after_sigkill_in_publish_ord
     publisher = BackgroundPublisher(amqp_url, load_exchange, total, rate=3000).start()
     wait_for(lambda: stored_counts(database_url)[0] > 3000, 30, what="capture under way")
     # x-single-active-consumer: exactly one daemon has stored anything.
-    stored = {daemon: stored_total(daemon.metrics()) for daemon in (first, second)}
+    stored = {daemon: daemon.metric_total(STORED) for daemon in (first, second)}
     active = max(stored, key=lambda daemon: stored[daemon])
     standby = second if active is first else first
     assert stored[standby] == 0
     active.kill()
-    wait_for(lambda: stored_total(standby.metrics()) > 0, 15, what="the standby to take over")
+    wait_for(lambda: standby.metric_total(STORED) > 0, 15, what="the standby to take over")
     assert publisher.join() == total
     assert_exactly_once(database_url, total)
     archived = [

@@ -92,6 +92,13 @@ class CaptureProcess:
         """The /metrics text."""
         return httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2).text
 
+    def metric_total(self, name: str) -> float:
+        """The sum of a metric (e.g. rabbit_archive_messages_stored_total) over its labels."""
+        prefix = name + "{"
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines() if line.startswith(prefix)
+        )
+
     def signal(self, signum: int) -> None:
         """Send a signal to the daemon."""
         assert self.process is not None
