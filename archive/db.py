@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from archive.errors import AccessRefused, DatabaseUnavailable, describe
+from archive.errors import AccessRefused, DatabaseRefused, DatabaseUnavailable, describe
 from config.settings import mask_url
 
 # A connection of its own or one borrowed from a pool: both run the same queries.
@@ -25,6 +25,42 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     TimeoutError,
 )
+
+# Every error a database call can end with that is not a bug of ours: the connection errors
+# above, anything PostgreSQL answers with, and a prepared statement outdated by DDL.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.OutdatedSchemaCacheError,
+)
+
+# What an operator should read for the refusals that come from the database's own state.
+_CAUSES: tuple[tuple[type[asyncpg.PostgresError], str], ...] = (
+    (
+        asyncpg.ReadOnlySQLTransactionError,
+        "the database is read-only (a standby, or default_transaction_read_only)",
+    ),
+    (asyncpg.DiskFullError, "the database's disk is full"),
+    (asyncpg.InsufficientResourcesError, "the database is out of resources"),
+    (asyncpg.QueryCanceledError, "the statement was cancelled (statement_timeout or an operator)"),
+    (asyncpg.DeadlockDetectedError, "a deadlock was detected"),
+    (asyncpg.SerializationError, "a serialization failure"),
+    (asyncpg.TransactionRollbackError, "the transaction was rolled back"),
+    (asyncpg.LockNotAvailableError, "a lock was not available in time (lock_timeout)"),
+    (asyncpg.InsufficientPrivilegeError, "permission denied"),
+)
+
+
+def database_error(error: BaseException, doing: str) -> DatabaseUnavailable:
+    """The project's error for a driver error met while `doing` something: both mean retry later.
+
+    PostgreSQL's own refusals become DatabaseRefused, naming the cause; lost or unreachable
+    servers DatabaseUnavailable.
+    """
+    if isinstance(error, asyncpg.PostgresError) and not isinstance(error, CONNECTION_ERRORS):
+        cause = next((text for kind, text in _CAUSES if isinstance(error, kind)), "PostgreSQL refused it")
+        return DatabaseRefused(f"{doing}: {cause}: {describe(error)}")
+    return DatabaseUnavailable(f"{doing}: {describe(error)}")
 
 
 def _database_name(url: str) -> str:

@@ -11,6 +11,15 @@ class DatabaseUnavailable(ArchiveError):
     """PostgreSQL cannot be reached or refused the connection."""
 
 
+class DatabaseRefused(DatabaseUnavailable):
+    """PostgreSQL is reachable but refuses the work for a reason of its own state.
+
+    Read-only (a standby after a failover, default_transaction_read_only), disk full, a
+    statement cancelled, a lock or serialization conflict: retried like an unreachable
+    database, never the fault of one message.
+    """
+
+
 class BrokerUnavailable(ArchiveError):
     """RabbitMQ (AMQP or the management API) cannot be reached."""
 

@@ -6,7 +6,7 @@ from importlib import resources
 
 import asyncpg
 
-from archive.db import Connection
+from archive.db import DATABASE_ERRORS, Connection, database_error
 from archive.errors import AccessRefused, describe
 
 # One lock id for the whole product: replicas starting together take turns.
@@ -50,7 +50,9 @@ def latest_version() -> int:
 async def apply_migrations(connection: Connection) -> list[int]:
     """Bring the schema up to date; returns the versions applied now (empty when current).
 
-    A role without the rights for it is one AccessRefused line.
+    A role without the rights for it is one AccessRefused line, for the operator to fix; a
+    database that cannot take the schema now (read-only, disk full, unreachable) is
+    DatabaseUnavailable (DatabaseRefused), which the daemon retries.
     """
     try:
         return await _apply(connection)
@@ -61,6 +63,8 @@ async def apply_migrations(connection: Connection) -> list[int]:
             "capture role needs CREATE on the database and must own schema rabbit_archive "
             "(see 'Least privilege' in README.md)"
         ) from None
+    except DATABASE_ERRORS as error:
+        raise database_error(error, "applying the archive schema") from None
 
 
 async def _apply(connection: Connection) -> list[int]:
@@ -87,10 +91,15 @@ async def _apply(connection: Connection) -> list[int]:
 
 async def schema_version(connection: Connection) -> int | None:
     """The newest applied migration, or None when the schema was never applied."""
-    exists = await connection.fetchval("SELECT to_regclass('rabbit_archive.schema_migrations') IS NOT NULL")
-    if not exists:
-        return None
-    version: int | None = await connection.fetchval(
-        "SELECT max(version) FROM rabbit_archive.schema_migrations"
-    )
+    try:
+        exists = await connection.fetchval(
+            "SELECT to_regclass('rabbit_archive.schema_migrations') IS NOT NULL"
+        )
+        if not exists:
+            return None
+        version: int | None = await connection.fetchval(
+            "SELECT max(version) FROM rabbit_archive.schema_migrations"
+        )
+    except DATABASE_ERRORS as error:
+        raise database_error(error, "reading the schema version") from None
     return version

@@ -117,3 +117,37 @@ UPDATE rabbit_archive.replays
 SET status = 'running', error = NULL, finished_at = NULL, updated_at = now()
 WHERE id = $1
 """
+
+# --- binding state (what the daemon did with each exchange) ------------------------------
+
+# Replace a vhost's rows ($1) with the given exchanges, types, states and reasons (arrays of
+# equal length) in one statement: rows of exchanges not given are deleted, the others upserted.
+# A row is rewritten only when something changed, so `updated_at` reads "in this state since".
+# A name given twice counts once (the last one wins).
+SAVE_BINDING_STATE = """
+WITH given AS (
+    SELECT DISTINCT ON (s.exchange) s.exchange, s.type, s.state, s.reason
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY
+        AS s(exchange, type, state, reason, position)
+    ORDER BY s.exchange, s.position DESC
+), gone AS (
+    DELETE FROM rabbit_archive.binding_state AS b
+    WHERE b.vhost = $1::text AND NOT EXISTS (SELECT 1 FROM given AS g WHERE g.exchange = b.exchange)
+)
+INSERT INTO rabbit_archive.binding_state AS b (vhost, exchange, type, state, reason)
+SELECT $1::text, g.exchange, g.type, g.state, coalesce(g.reason, '') FROM given AS g
+ON CONFLICT (vhost, exchange) DO UPDATE
+SET type = excluded.type, state = excluded.state, reason = excluded.reason, updated_at = now()
+WHERE (b.type, b.state, b.reason) IS DISTINCT FROM (excluded.type, excluded.state, excluded.reason)
+"""
+
+# The recorded rows of some vhosts ($1).
+BINDING_STATE = """
+SELECT vhost, exchange, type, state, reason, updated_at
+FROM rabbit_archive.binding_state
+WHERE vhost = ANY($1::text[])
+ORDER BY vhost, exchange
+"""
+
+# Whether the binding_state table exists (schema version 3 or later).
+BINDING_STATE_EXISTS = "SELECT to_regclass('rabbit_archive.binding_state') IS NOT NULL"

@@ -132,3 +132,17 @@ CREATE TABLE rabbit_archive.replays (
     finished_at timestamptz
 );
 CREATE INDEX replays_started_at_idx ON rabbit_archive.replays (started_at);
+
+-- What the capture daemon did with each exchange in its last discovery round, one row per
+-- exchange, so that `rabbit-capture status` (another process) can show refusals and failures.
+-- `updated_at` is when the row last changed, so it reads "in this state since".
+CREATE TABLE rabbit_archive.binding_state (
+    vhost text NOT NULL,
+    exchange text NOT NULL,
+    type text NOT NULL,
+    -- 'bound', 'skipped', 'refused', 'unrepresentable' or 'failed'.
+    state text NOT NULL,
+    reason text NOT NULL DEFAULT '',
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (vhost, exchange)
+);

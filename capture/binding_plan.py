@@ -279,3 +279,48 @@ def reconcile(plan: BindingPlan, current: Iterable[ArchiveBinding]) -> Reconcili
         to_bind=tuple(sorted(wanted - present)),
         to_unbind=tuple(sorted(present - wanted)),
     )
+
+
+def broker_terms(
+    listed: Iterable[ArchiveBinding], aliases: Mapping[ArchiveBinding, ArchiveBinding]
+) -> frozenset[ArchiveBinding]:
+    """The archive's bindings as listed, with each one the broker shows in its own form
+    replaced by the planned binding it is (see BindingKeeper._learn_aliases)."""
+    return frozenset(aliases.get(binding, binding) for binding in listed)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeState:
+    """What the archive does with one exchange after a round: for `status` and the log."""
+
+    exchange: str
+    type: str
+    # bound, skipped, refused (no permission), failed (another broker error), unrepresentable
+    state: str
+    reason: str
+
+
+def exchange_states(
+    plan: BindingPlan,
+    refused: Mapping[str, tuple[float, str, str]],
+    unrepresentable: Mapping[ArchiveBinding, str],
+) -> list[ExchangeState]:
+    """Every exchange of the plan with its state and reason, sorted by name."""
+    blocked: dict[str, str] = {}
+    for binding, reason in sorted(unrepresentable.items()):
+        blocked.setdefault(
+            binding.exchange, f"binding {binding.routing_key!r} cannot be sent as listed: {reason}"
+        )
+    states = []
+    for bound in plan.bound:
+        if bound.exchange in refused:
+            _, kind, text = refused[bound.exchange]
+            states.append(ExchangeState(bound.exchange, bound.type, kind, text))
+        elif bound.exchange in blocked:
+            states.append(
+                ExchangeState(bound.exchange, bound.type, "unrepresentable", blocked[bound.exchange])
+            )
+        else:
+            states.append(ExchangeState(bound.exchange, bound.type, "bound", bound.mode))
+    states.extend(ExchangeState(s.exchange, s.type, "skipped", s.reason) for s in plan.skipped)
+    return sorted(states, key=lambda state: state.exchange)

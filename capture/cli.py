@@ -2,7 +2,7 @@
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,7 +12,10 @@ from archive.migrate import apply_migrations
 from capture.daemon import run_daemon
 from capture.status import collect_status
 from capture.store import prune as prune_partitions
-from config import parse_duration
+from config import ConfigError, Settings, parse_duration
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 app = typer.Typer(
     name="rabbit-capture",
@@ -28,10 +31,20 @@ settings_or_exit = COMMAND_LINE.settings
 run_async = COMMAND_LINE.run_async
 
 
+def _management_settings() -> Settings:
+    """The settings of a command that calls the management API, or exit 2 when that would be unsafe."""
+    settings = settings_or_exit()
+    try:
+        settings.check_management_transport()
+    except ConfigError as error:
+        fail(str(error), 2)
+    return settings
+
+
 @app.command()
 def run() -> None:
     """Run the capture daemon until SIGTERM or SIGINT."""
-    settings = settings_or_exit()
+    settings = _management_settings()
     run_async(lambda: run_daemon(settings))
 
 
@@ -60,7 +73,7 @@ def status(
 
     Exits 1 when no daemon consumes an archive queue, so it can serve as a probe.
     """
-    settings = settings_or_exit()
+    settings = _management_settings()
     report = run_async(lambda: collect_status(settings))
     if as_json:
         print(json.dumps(report))
@@ -77,42 +90,79 @@ def _binding_text(binding: dict[str, Any]) -> str:
     return json.dumps(binding["arguments"]) if binding["arguments"] else '""'
 
 
+def shown(text: object) -> "Text":
+    """Broker-supplied text as it is, for a terminal: no console markup, control characters escaped.
+
+    Exchange names, routing keys and reasons come from whoever declared them; an escape
+    sequence, a carriage return or a bidi override in one must not repaint the terminal or
+    disguise another name, so anything not printable appears as its Python escape (\\x1b,
+    \\u202e). `status --json` keeps the exact names.
+    """
+    from rich.text import Text
+
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return Text(text)
+
+
+def _exchange_name(name: str) -> "Text":
+    return shown(name) if name else shown("(default)")
+
+
 def _print_status(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    table = Table(title=f"archive queue {report['queue']!r}: bound exchanges")
-    for column in ("vhost", "exchange", "type", "mode", "bindings"):
-        table.add_column(column)
-    for item in report["exchanges"]:
-        keys = ", ".join(_binding_text(binding) for binding in item["bindings"])
-        table.add_row(item["vhost"], item["exchange"], item["type"] or "?", item["mode"] or "?", keys)
+    # No markup, emoji codes or highlighting: every cell is a Text of broker-supplied words.
+    # In a pipe, lines as long as needed, so that a long name is never cut or folded.
+    width = None if sys.stdout.isatty() else 100_000
+    console = Console(width=width, markup=False, emoji=False, highlight=False)
+    current = {(item["vhost"], item["exchange"]): item for item in report["exchanges"]}
+    table = Table(title=shown(f"archive queue {report['queue']!r}: exchanges"))
+    for column in ("vhost", "exchange", "type", "state", "mode", "bindings", "reason"):
+        table.add_column(column, overflow="fold")
+    rows = [dict(item) for item in report["exchange_states"]]
+    planned = {(item["vhost"], item["exchange"]) for item in rows}
+    # Bindings the daemon has not removed yet (the exchange left the plan since the last round).
+    rows.extend(
+        {**item, "type": item["type"] or "?", "state": "bound", "reason": "no longer planned: unbound soon"}
+        for key, item in current.items()
+        if key not in planned
+    )
+    for item in rows:
+        bound = current.get((item["vhost"], item["exchange"]))
+        keys = ", ".join(_binding_text(binding) for binding in bound["bindings"]) if bound else ""
+        mode = (bound["mode"] if bound else None) or ""
+        table.add_row(
+            shown(item["vhost"]),
+            _exchange_name(item["exchange"]),
+            shown(item["type"]),
+            shown(item["state"]),
+            shown(mode),
+            shown(keys),
+            shown(item["reason"]),
+        )
     console.print(table)
-    skipped = Table(title="left alone")
-    for column in ("vhost", "exchange", "type", "reason"):
-        skipped.add_column(column)
-    for item in report["skipped"]:
-        if item["exchange"] and not item["exchange"].startswith("amq.rabbitmq."):
-            skipped.add_row(item["vhost"], item["exchange"], item["type"], item["reason"])
-    console.print(skipped)
-    recent = Table(title="stored in the last hour / day")
+    recent = Table(title=shown("stored in the last hour / day"))
     for column in ("vhost", "exchange", "rows 1h", "bytes 1h", "rows 24h", "bytes 24h"):
-        recent.add_column(column)
+        recent.add_column(column, overflow="fold")
     for item in report["stored_by_exchange"]:
         recent.add_row(
-            item["vhost"],
-            item["exchange"],
+            shown(item["vhost"]),
+            _exchange_name(item["exchange"]),
             *(
-                str(item[key])
+                shown(item[key])
                 for key in ("rows_last_hour", "bytes_last_hour", "rows_last_day", "bytes_last_day")
             ),
         )
     console.print(recent)
     console.print(
-        f"queue depth {report['queue_depth']}, consumers {report['consumers']}, "
-        f"rows {report['rows']}, newest capture {report['newest_captured_at']}, "
-        f"schema version {report['schema_version']}"
+        shown(
+            f"queue depth {report['queue_depth']}, consumers {report['consumers']}, "
+            f"rows {report['rows']}, newest capture {report['newest_captured_at']}, "
+            f"schema version {report['schema_version']}"
+        )
     )
 
 

@@ -12,7 +12,7 @@ import aiormq
 import aiormq.abc
 from pamqp import commands
 
-from archive import content_header
+from archive import content_header, frames
 from archive.amqp_codec import CodecError, decode_properties, text_view
 from archive.errors import (
     AccessRefused,
@@ -44,6 +44,10 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
     BrokerUnavailable,
     TimeoutError,
 )
+
+
+# Seconds before a vhost that could not be captured (see VhostCapture.run) is tried again.
+VHOST_RETRY = 15.0
 
 
 class Backoff:
@@ -106,12 +110,17 @@ async def declare_archive_queue(channel: aiormq.abc.AbstractChannel, settings: S
     try:
         if settings.queue_max_bytes is not None:
             # Bounded as well: a long outage must not fill the broker through this queue.
-            await channel.queue_declare(
-                dropped_queue(settings),
-                durable=True,
-                arguments={"x-max-length": 10_000, "x-overflow": "drop-head"},
+            await frames.rpc(
+                channel,
+                frames.queue_declare(
+                    dropped_queue(settings),
+                    durable=True,
+                    arguments={"x-max-length": 10_000, "x-overflow": "drop-head"},
+                ),
             )
-        await channel.queue_declare(settings.queue, durable=True, arguments=queue_arguments(settings))
+        await frames.rpc(
+            channel, frames.queue_declare(settings.queue, durable=True, arguments=queue_arguments(settings))
+        )
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         raise QueueMismatch(
             f"queue {settings.queue!r} in vhost {vhost!r} exists with other arguments "
@@ -137,8 +146,13 @@ class VhostCapture:
         health: Health,
         stop: asyncio.Event,
         bindings: BindingKeeper,
+        *,
+        isolated: bool = False,
     ) -> None:
         self._settings = settings
+        # With several vhosts (a list or "*"), what stops one vhost is reported and retried
+        # instead of ending the daemon: the others go on being captured.
+        self._isolated = isolated
         self._vhost = vhost
         self._store = store
         self._metrics = metrics
@@ -161,8 +175,20 @@ class VhostCapture:
             started = time.monotonic()
             try:
                 await self._session()
-            except (QueueMismatch, UsageError):
-                raise
+                self._metrics.vhost_unavailable.labels(self._vhost).set(0)
+            except (QueueMismatch, UsageError) as error:
+                if not self._isolated:
+                    raise
+                # Missing vhost, no permissions there, an archive queue of that name with other
+                # arguments: this vhost only, reported and tried again later.
+                self._metrics.errors.labels("vhost").inc()
+                self._metrics.vhost_unavailable.labels(self._vhost).set(1)
+                log.error(
+                    "vhost_unavailable",
+                    extra={"vhost": self._vhost, "error": str(error), "retry_seconds": VHOST_RETRY},
+                )
+                await sleep_unless(self._stop, VHOST_RETRY)
+                continue
             except BROKER_ERRORS as error:
                 self._metrics.errors.labels("broker").inc()
                 log.warning(
@@ -178,8 +204,9 @@ class VhostCapture:
         try:
             gate = ReadGate(tls=self._url.startswith("amqps:"))
             connection = await asyncio.wait_for(
-                aiormq.connect(
+                frames.connect(
                     self._url,
+                    self._vhost,
                     client_properties={"connection_name": f"rabbit-capture {self._vhost}"},
                     transport_factory=gate,
                 ),
@@ -215,8 +242,11 @@ class VhostCapture:
             async with asyncio.TaskGroup() as group:
                 if self._settings.source == "firehose":
                     # One binding sees every publish of the vhost, default exchange included.
-                    await channel.queue_bind(
-                        self._settings.queue, firehose.TRACE_EXCHANGE, firehose.PUBLISH_EVENTS
+                    await frames.rpc(
+                        channel,
+                        frames.queue_bind(
+                            self._settings.queue, firehose.TRACE_EXCHANGE, firehose.PUBLISH_EVENTS
+                        ),
                     )
                 else:
                     group.create_task(
@@ -255,7 +285,13 @@ class VhostCapture:
                 },
             )
 
-        await channel.basic_consume(dropped_queue(self._settings), on_dropped, no_ack=True)
+        await frames.consume(
+            cast(aiormq.Channel, channel),
+            dropped_queue(self._settings),
+            on_dropped,
+            consumer_tag="rabbit-archive-dropped",
+            no_ack=True,
+        )
 
     async def _consume(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
         settings = self._settings
@@ -308,7 +344,9 @@ class VhostCapture:
         channel.closing.add_done_callback(lambda _: wake.set())
         channel.on_consumer_cancel_callbacks.add(on_cancel)
         try:
-            consume_ok = await channel.basic_consume(settings.queue, on_message)
+            consume_ok = await frames.consume(
+                cast(aiormq.Channel, channel), settings.queue, on_message, consumer_tag="rabbit-archive"
+            )
         except aiormq.exceptions.ChannelAccessRefused as error:
             raise AccessRefused(
                 f"RabbitMQ refused to consume queue {settings.queue!r} in vhost {self._vhost!r} "

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from archive import content_header
-from archive.db import create_pool
+from archive.db import DATABASE_ERRORS, create_pool, database_error
 from archive.errors import (
     ArchiveError,
     BrokerUnavailable,
@@ -21,7 +21,7 @@ from capture.discovery import BindingKeeper
 from capture.events import watch_topology_events
 from capture.health import Health
 from capture.http import HealthServer
-from capture.management import ManagementApi, management_client
+from capture.management import ManagementApi, VhostRefused, management_client
 from capture.metrics import CaptureMetrics
 from capture.signals import stop_on_signals
 from capture.store import PostgresStore
@@ -53,20 +53,28 @@ async def open_database(
             health.set_database_ok(True)
             return pool
         except DatabaseUnavailable as error:
+            # Unreachable, or refusing (read-only after a failover, disk full): wait, not exit.
             health.set_database_ok(False)
-            log.warning("database_unavailable", extra={"error": str(error)})
-            await sleep_unless(stop, backoff.next())
+            delay = backoff.next()
+            log.warning("database_unavailable", extra={"error": str(error), "retry_in": round(delay, 1)})
+            await sleep_unless(stop, delay)
     return None
 
 
-async def check_management_access(api: ManagementApi, vhosts: tuple[str, ...]) -> None:
+async def check_management_access(api: ManagementApi, vhosts: tuple[str, ...], *, isolated: bool) -> None:
     """Stop at start, in one line (AccessRefused), when the management API refuses the user.
 
-    A management API that cannot be reached is only logged: discovery retries it.
+    A management API that cannot be reached is only logged: discovery retries it. With
+    several vhosts, one the user may not see is left to its capture task, which reports it
+    and tries again; only a refusal of the user as such (login, tag) stops the daemon.
     """
     for vhost in vhosts:
         try:
             await api.exchanges(vhost)
+        except VhostRefused as error:
+            if not isolated:
+                raise
+            log.error("vhost_unavailable", extra={"vhost": vhost, "error": str(error)})
         except BrokerUnavailable as error:
             log.warning("management_unavailable", extra={"error": str(error)})
             return
@@ -74,8 +82,11 @@ async def check_management_access(api: ManagementApi, vhosts: tuple[str, ...]) -
 
 async def _migrate(pool: "asyncpg.Pool[asyncpg.Record]") -> list[int]:
     """Apply the schema on one connection of the pool."""
-    async with pool.acquire() as connection:
-        return await apply_migrations(connection)
+    try:
+        async with pool.acquire() as connection:
+            return await apply_migrations(connection)
+    except DATABASE_ERRORS as error:
+        raise database_error(error, "applying the archive schema") from None
 
 
 async def _heartbeat(health: Health, stop: asyncio.Event) -> None:
@@ -85,6 +96,9 @@ async def _heartbeat(health: Health, stop: asyncio.Event) -> None:
 
 
 async def _maintain_partitions(store: PostgresStore, settings: Settings, stop: asyncio.Event) -> None:
+    # A database that refuses (read-only, disk full, a lock timeout) is reported and retried;
+    # capture goes on meanwhile (rows of a day without its partition land in the default one).
+    backoff = Backoff(first=5.0, cap=60.0)
     while not stop.is_set():
         try:
             created = await store.ensure_partitions(settings.partition_days_ahead)
@@ -95,9 +109,11 @@ async def _maintain_partitions(store: PostgresStore, settings: Settings, stop: a
                 if dropped:
                     log.info("retention_pruned", extra={"partitions": dropped})
         except DatabaseUnavailable as error:
-            log.warning("maintenance_failed", extra={"error": str(error)})
-            await sleep_unless(stop, 5.0)
+            delay = backoff.next()
+            log.warning("maintenance_failed", extra={"error": str(error), "retry_in": round(delay, 1)})
+            await sleep_unless(stop, delay)
             continue
+        backoff.reset()
         await sleep_unless(stop, MAINTENANCE_INTERVAL)
 
 
@@ -108,13 +124,14 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
     store = PostgresStore(pool, strip_delivery_count=settings.queue_type == "quorum")
     try:
         async with management_client(settings) as client:
-            api = ManagementApi(client)
+            api = ManagementApi(client, on_request=metrics.management_requests.inc)
             vhosts = settings.capture_vhosts
+            isolated = vhosts == ("*",) or len(vhosts) > 1
             if vhosts == ("*",):
                 vhosts = tuple(await api.vhosts())
-            await check_management_access(api, vhosts)
+            await check_management_access(api, vhosts, isolated=isolated)
             health.vhosts = vhosts
-            keeper = BindingKeeper(settings, api, metrics)
+            keeper = BindingKeeper(settings, api, metrics, pool)
             async with _tracing(api, vhosts, settings.source == "firehose"), asyncio.TaskGroup() as group:
                 group.create_task(_heartbeat(health, stop), name="heartbeat")
                 group.create_task(_maintain_partitions(store, settings, stop), name="partitions")
@@ -124,7 +141,9 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
                         name="topology-events",
                     )
                 for vhost in vhosts:
-                    capture = VhostCapture(settings, vhost, store, metrics, health, stop, keeper)
+                    capture = VhostCapture(
+                        settings, vhost, store, metrics, health, stop, keeper, isolated=isolated
+                    )
                     group.create_task(capture.run(), name=f"capture:{vhost}")
     finally:
         await pool.close()

@@ -7,15 +7,22 @@ from urllib.parse import unquote, urlsplit
 
 import aiormq
 import aiormq.abc
+import asyncpg
 
-from archive.errors import AccessRefused, BrokerUnavailable, UsageError, reply_text
+from archive import frames
+from archive.errors import AccessRefused, BrokerUnavailable, DatabaseUnavailable, UsageError, reply_text
+from archive.stopping import sleep_unless
 from capture.binding_plan import (
     ArchiveBinding,
     BindingPlan,
+    ExchangeState,
+    broker_terms,
     current_archive_bindings,
+    exchange_states,
     plan_bindings,
     reconcile,
 )
+from capture.binding_states import save_binding_states
 from capture.management import ManagementApi
 from capture.metrics import CaptureMetrics
 from config.settings import Settings
@@ -25,6 +32,20 @@ log = logging.getLogger("rabbit_archive.capture.discovery")
 # An exchange whose binding the broker refused (no read permission) is tried again after this
 # many seconds, not every round: each refusal is a channel error in the broker's log.
 REFUSED_RETRY = 60.0
+# Topology events are gathered for NUDGE_COALESCE seconds and start a round at most every
+# NUDGE_MIN_INTERVAL seconds: a new exchange is bound within about half a second, and a burst
+# of changes costs at most two rounds (eight management API calls) a second.
+NUDGE_COALESCE = 0.05
+NUDGE_MIN_INTERVAL = 0.5
+
+
+async def _wait_any(stop: asyncio.Event, nudged: asyncio.Event, *, seconds: float) -> None:
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(nudged.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 class ArchiveQueueRefused(AccessRefused):
@@ -34,13 +55,29 @@ class ArchiveQueueRefused(AccessRefused):
 class BindingKeeper:
     """Reads exchanges and bindings through the management API and binds or unbinds to match."""
 
-    def __init__(self, settings: Settings, api: ManagementApi, metrics: CaptureMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        api: ManagementApi,
+        metrics: CaptureMetrics,
+        pool: "asyncpg.Pool[asyncpg.Record] | None" = None,
+    ) -> None:
         self._settings = settings
         self._api = api
         self._metrics = metrics
         self._reported_skips: dict[str, set[tuple[str, str]]] = {}
-        # vhost -> exchange -> when the broker last refused binding it.
-        self._refused: dict[str, dict[str, float]] = {}
+        # vhost -> exchange -> (when, "refused" or "failed", the broker's reply) of its last refusal.
+        self._refused: dict[str, dict[str, tuple[float, str, str]]] = {}
+        # vhost -> planned binding -> why it cannot be sent to the broker as listed.
+        self._unrepresentable: dict[str, dict[ArchiveBinding, str]] = {}
+        # vhost -> binding as the management API lists it -> the planned binding it is.
+        self._aliases: dict[str, dict[ArchiveBinding, ArchiveBinding]] = {}
+        # vhost -> (bindings bound in the last round, what was listed before them).
+        self._just_bound: dict[str, tuple[set[ArchiveBinding], frozenset[ArchiveBinding]]] = {}
+        # vhost -> the per-exchange states of the last round (read by the HTTP status and tests).
+        self.states: dict[str, list[ExchangeState]] = {}
+        self._saved_states: dict[str, list[ExchangeState]] = {}
+        self._pool = pool
         self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
         # Set by topology events (capture.events) to reconcile a vhost before its interval ends.
         self._nudged: dict[str, asyncio.Event] = {}
@@ -76,8 +113,10 @@ class BindingKeeper:
         """
         channels = Channels(connection)
         nudged = self._nudged.setdefault(vhost, asyncio.Event())
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             nudged.clear()
+            started = loop.time()
             try:
                 await self.reconcile_once(channels, vhost)
             except ArchiveQueueRefused:
@@ -90,31 +129,42 @@ class BindingKeeper:
             except aiormq.exceptions.ChannelClosed as error:
                 self._metrics.errors.labels("discovery").inc()
                 log.warning("binding_failed", extra={"vhost": vhost, "error": reply_text(error)})
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(nudged.wait())]
-            try:
-                await asyncio.wait(
-                    waiters, timeout=self._settings.discovery_interval, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            self._metrics.discovery_rounds.labels(vhost).inc()
+            await _wait_any(stop, nudged, seconds=self._settings.discovery_interval)
+            if nudged.is_set() and not stop.is_set():
+                # A burst of topology events (an application creating and dropping bindings
+                # all the time) becomes at most one round per NUDGE_MIN_INTERVAL.
+                await sleep_unless(stop, max(NUDGE_COALESCE, NUDGE_MIN_INTERVAL - (loop.time() - started)))
 
     async def reconcile_once(self, channels: "Channels", vhost: str) -> None:
         """One round: bind what is missing, unbind what is no longer wanted.
 
-        An exchange the user may not read is logged once, left unbound (tried again after
-        REFUSED_RETRY seconds) and does not stop the other exchanges from being bound.
+        An exchange the broker refuses to bind (no read permission, or any other channel
+        error) is logged once, left unbound (tried again after REFUSED_RETRY seconds) and
+        does not stop the other exchanges from being bound; a binding that cannot be sent
+        as listed is left alone and reported.
         """
-        plan, current = await self.plan(vhost)
-        changes = reconcile(plan, current)
+        plan, listed = await self.plan(vhost)
         planned = {bound.exchange for bound in plan.bound}
-        refused = {name: since for name, since in self._refused.get(vhost, {}).items() if name in planned}
+        wanted = plan.bindings
+        refused = {name: entry for name, entry in self._refused.get(vhost, {}).items() if name in planned}
         self._refused[vhost] = refused
+        unrepresentable = {
+            binding: reason
+            for binding, reason in self._unrepresentable.get(vhost, {}).items()
+            if binding in wanted
+        }
+        self._unrepresentable[vhost] = unrepresentable
+        aliases = self._learn_aliases(vhost, listed, wanted)
+        current = broker_terms(listed, aliases)
+        changes = reconcile(plan, current)
+        bound_now: set[ArchiveBinding] = set()
         for binding in changes.to_bind:
-            if self._waiting(vhost, binding.exchange):
+            if self._waiting(vhost, binding.exchange) or binding in unrepresentable:
                 continue
             if await self._change(channels, vhost, binding, bind=True):
                 refused.pop(binding.exchange, None)
+                bound_now.add(binding)
                 log.info(
                     "bound",
                     extra={"vhost": vhost, "exchange": binding.exchange, "routing_key": binding.routing_key},
@@ -127,40 +177,96 @@ class BindingKeeper:
                     "unbound",
                     extra={"vhost": vhost, "exchange": binding.exchange, "routing_key": binding.routing_key},
                 )
-        self._metrics.bound_exchanges.labels(vhost).set(
-            sum(1 for bound in plan.bound if bound.bindings and bound.exchange not in refused)
-        )
+        self._just_bound[vhost] = (bound_now, listed)
+        states = exchange_states(plan, refused, unrepresentable)
+        self.states[vhost] = states
+        self._metrics.bound_exchanges.labels(vhost).set(sum(1 for state in states if state.state == "bound"))
         self._metrics.skipped_exchanges.labels(vhost).set(len(plan.skipped))
+        for kind in ("refused", "failed", "unrepresentable"):
+            self._metrics.unbound_exchanges.labels(vhost, kind).set(
+                sum(1 for state in states if state.state == kind)
+            )
         skips = {(skipped.exchange, skipped.reason) for skipped in plan.skipped}
         for exchange, reason in sorted(skips - self._reported_skips.get(vhost, set())):
             if exchange and not exchange.startswith("amq.rabbitmq."):
                 log.info("exchange_skipped", extra={"vhost": vhost, "exchange": exchange, "reason": reason})
         self._reported_skips[vhost] = skips
+        await self._save_states(vhost, states)
         queue_info = await self._api.queue(vhost, self._settings.queue)
         if queue_info is not None:
-            self._metrics.queue_depth.labels(vhost).set(queue_info.get("messages", 0) or 0)
+            depth = queue_info.get("messages")
+            self._metrics.queue_depth.labels(vhost).set(depth if isinstance(depth, int) else 0)
+
+    def _learn_aliases(
+        self, vhost: str, listed: frozenset[ArchiveBinding], wanted: frozenset[ArchiveBinding]
+    ) -> dict[ArchiveBinding, ArchiveBinding]:
+        """Bindings as the broker lists them -> as they were planned, learnt from last round's binds.
+
+        The management API shows a binding's arguments in its own JSON form (a double 1.0,
+        a nested table); when that differs from the planned form, comparing the two naively
+        would unbind and bind again on alternate rounds, missing messages in between. The
+        binding that appeared where one was just bound is taken as the broker's form of it.
+        """
+        aliases = self._aliases.setdefault(vhost, {})
+        bound, before = self._just_bound.pop(vhost, (set(), frozenset()))
+        for planned in bound:
+            if planned in listed:
+                continue
+            appeared = [
+                shown
+                for shown in listed - before
+                if (shown.exchange, shown.routing_key) == (planned.exchange, planned.routing_key)
+                and shown not in wanted
+            ]
+            if len(appeared) == 1:
+                aliases[appeared[0]] = planned
+        # Forget aliases of bindings no longer planned or no longer there.
+        for shown, planned in list(aliases.items()):
+            if planned not in wanted or shown not in listed:
+                del aliases[shown]
+        return aliases
+
+    async def _save_states(self, vhost: str, states: list["ExchangeState"]) -> None:
+        """Record the round's per-exchange states for `status` (only when they changed)."""
+        if self._pool is None or self._saved_states.get(vhost) == states:
+            return
+        try:
+            await save_binding_states(
+                self._pool,
+                vhost,
+                [(state.exchange, state.type, state.state, state.reason) for state in states],
+            )
+        except DatabaseUnavailable as error:
+            # Status is informative: capture goes on, the next round tries again.
+            log.info("binding_state_not_saved", extra={"vhost": vhost, "error": str(error)})
+            return
+        self._saved_states[vhost] = states
 
     def refused_exchanges(self, vhost: str) -> list[str]:
-        """Exchanges of the vhost the broker refused to bind for lack of read permission."""
+        """Exchanges of the vhost the broker refused to bind (tried again later)."""
         return sorted(self._refused.get(vhost, {}))
 
     def _waiting(self, vhost: str, exchange: str) -> bool:
-        since = self._refused.get(vhost, {}).get(exchange)
-        return since is not None and time.monotonic() - since < REFUSED_RETRY
+        entry = self._refused.get(vhost, {}).get(exchange)
+        return entry is not None and time.monotonic() - entry[0] < REFUSED_RETRY
 
     async def _change(self, channels: "Channels", vhost: str, binding: ArchiveBinding, *, bind: bool) -> bool:
-        """Bind or unbind one binding; False when the broker refused it for this exchange."""
+        """Bind or unbind one binding; False when that one binding could not be changed.
+
+        Whatever the broker or the frame encoder says about one binding costs only that
+        binding's exchange for this round (and REFUSED_RETRY seconds): every other binding of
+        the round still happens. Only a refusal about the archive queue itself is raised.
+        """
         queue = self._settings.queue
+        try:
+            build = frames.queue_bind if bind else frames.queue_unbind
+            frame = build(queue, binding.exchange, binding.routing_key, binding.arguments)
+        except (frames.Unrepresentable, frames.NameTooLong) as error:
+            self._mark_unrepresentable(vhost, binding, str(error))
+            return False
         channel = await channels.get()
         try:
-            if bind:
-                await channel.queue_bind(
-                    queue, binding.exchange, binding.routing_key, arguments=binding.arguments
-                )
-            else:
-                await channel.queue_unbind(
-                    queue, binding.exchange, binding.routing_key, arguments=binding.arguments
-                )
+            await frames.rpc(channel, frame)
         except aiormq.exceptions.ChannelAccessRefused as error:
             text = reply_text(error)
             if "access to queue" in text:
@@ -174,34 +280,59 @@ class BindingKeeper:
         except aiormq.exceptions.ChannelNotFoundEntity as error:
             text = reply_text(error)
             if "no queue" in text:
-                raise
+                # The archive queue was deleted under us: a new session declares it again.
+                raise BrokerUnavailable(
+                    f"archive queue {queue!r} in vhost {vhost!r} vanished ({text})"
+                ) from None
             # The exchange was deleted since the listing; the next round no longer plans it.
             log.info("binding_skipped", extra={"vhost": vhost, "exchange": binding.exchange, "error": text})
             return False
+        except aiormq.exceptions.ChannelClosed as error:
+            # Any other channel error (a precondition, an argument the broker rejects, a
+            # plugin's refusal) is about this binding only.
+            self._refuse(vhost, binding.exchange, reply_text(error), kind="failed")
+            return False
         return True
 
-    def _refuse(self, vhost: str, exchange: str, text: str) -> None:
+    def _mark_unrepresentable(self, vhost: str, binding: ArchiveBinding, reason: str) -> None:
+        marked = self._unrepresentable.setdefault(vhost, {})
+        if binding not in marked:
+            self._metrics.errors.labels("discovery").inc()
+            log.warning(
+                "binding_unrepresentable",
+                extra={
+                    "vhost": vhost,
+                    "exchange": binding.exchange,
+                    "routing_key": binding.routing_key,
+                    "problem": f"cannot be sent to the broker as listed ({reason}); not bound",
+                },
+            )
+        marked[binding] = reason
+
+    def _refuse(self, vhost: str, exchange: str, text: str, *, kind: str = "refused") -> None:
         refused = self._refused.setdefault(vhost, {})
         if exchange not in refused:
             self._metrics.errors.labels("discovery").inc()
-            kind = (
-                "topic read permission for routing key '#'"
-                if "access to topic" in text
-                else "read permission"
-            )
+            if kind == "refused":
+                need = (
+                    "topic read permission for routing key '#'"
+                    if "access to topic" in text
+                    else "read permission"
+                )
+                problem = (
+                    f"user {self._user!r} lacks {need} on exchange {exchange!r}: its messages are not "
+                    "captured (the other exchanges are); grant it to capture them"
+                )
+            else:
+                problem = (
+                    f"the broker refused binding exchange {exchange!r}: its messages are not captured "
+                    f"(the other exchanges are); tried again in {REFUSED_RETRY:.0f} s"
+                )
             log.warning(
-                "binding_refused",
-                extra={
-                    "vhost": vhost,
-                    "exchange": exchange,
-                    "problem": (
-                        f"user {self._user!r} lacks {kind} on exchange {exchange!r}: its messages are not "
-                        "captured (the other exchanges are); grant it to capture them"
-                    ),
-                    "error": text,
-                },
+                "binding_refused" if kind == "refused" else "binding_failed",
+                extra={"vhost": vhost, "exchange": exchange, "problem": problem, "error": text},
             )
-        refused[exchange] = time.monotonic()
+        refused[exchange] = (time.monotonic(), kind, text)
 
 
 class Channels:

@@ -5,6 +5,7 @@ a refusal becomes one AccessRefused line that says which of the two is missing.
 """
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +15,10 @@ from archive.errors import AccessRefused, BrokerUnavailable, UsageError
 from config.settings import Settings
 
 log = logging.getLogger("rabbit_archive.capture.management")
+
+
+class VhostRefused(AccessRefused):
+    """The management API refused the user access to one vhost (others may be fine)."""
 
 
 class ManagementClient(httpx.AsyncClient):
@@ -42,8 +47,9 @@ def _vhost(vhost: str) -> str:
 class ManagementApi:
     """Reads exchanges, bindings, policies, queues and vhosts of the broker."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, on_request: Callable[[], None] | None = None) -> None:
         self._client = client
+        self._on_request = on_request
         self._user = getattr(client, "user", "") or "?"
         self._policies_refused = False
 
@@ -65,7 +71,7 @@ class ManagementApi:
                 f"(rabbitmqctl set_user_tags {user} management)"
             )
         if "virtual host" in reason and vhost is not None:
-            return AccessRefused(
+            return VhostRefused(
                 f"the management API refused user {user!r} access to vhost {vhost!r}: give it "
                 f"permissions there (rabbitmqctl set_permissions -p {vhost} {user} ...)"
             )
@@ -75,6 +81,8 @@ class ManagementApi:
         )
 
     async def _get(self, path: str, *, missing_ok: bool = False, vhost: str | None = None) -> Any:
+        if self._on_request is not None:
+            self._on_request()
         try:
             response = await self._client.get(path)
         except httpx.HTTPError as error:
@@ -95,20 +103,37 @@ class ManagementApi:
                 f"management API answered {path} with something that is not JSON"
             ) from None
 
+    async def _objects(self, path: str, vhost: str | None) -> list[dict[str, Any]]:
+        """A listing: a JSON array whose items are objects; odd items are dropped and logged.
+
+        An answer that is not an array at all says nothing about the topology: it is an
+        unavailable API for this round (BrokerUnavailable), never an empty broker.
+        """
+        listing = await self._get(path, vhost=vhost)
+        if not isinstance(listing, list):
+            raise BrokerUnavailable(
+                f"management API answered {path} with {type(listing).__name__}, not a list"
+            )
+        objects = [item for item in listing if isinstance(item, dict)]
+        if len(objects) != len(listing):
+            log.warning(
+                "management_odd_items",
+                extra={"path": path, "dropped": len(listing) - len(objects)},
+            )
+        return objects
+
     async def exchanges(self, vhost: str) -> list[dict[str, Any]]:
         """Every exchange of the vhost, as the API lists them."""
-        result: list[dict[str, Any]] = await self._get(f"/api/exchanges/{_vhost(vhost)}", vhost=vhost)
-        return result
+        return await self._objects(f"/api/exchanges/{_vhost(vhost)}", vhost)
 
     async def bindings(self, vhost: str) -> list[dict[str, Any]]:
         """Every binding of the vhost."""
-        result: list[dict[str, Any]] = await self._get(f"/api/bindings/{_vhost(vhost)}", vhost=vhost)
-        return result
+        return await self._objects(f"/api/bindings/{_vhost(vhost)}", vhost)
 
     async def policies(self, vhost: str) -> dict[str, dict[str, Any]]:
         """Policy name -> definition; empty when the user may not list policies."""
         try:
-            items = await self._get(f"/api/policies/{_vhost(vhost)}", vhost=vhost)
+            items = await self._objects(f"/api/policies/{_vhost(vhost)}", vhost)
         except UsageError as error:
             # RabbitMQ 3.10 shows policies to 'management' users; where a version does not,
             # alternate exchanges set by policy go unnoticed: say so once.
@@ -123,19 +148,24 @@ class ManagementApi:
                     },
                 )
             return {}
-        return {item.get("name", ""): item.get("definition") or {} for item in items}
+        policies: dict[str, dict[str, Any]] = {}
+        for item in items:
+            name, definition = item.get("name"), item.get("definition")
+            if isinstance(name, str):
+                policies[name] = definition if isinstance(definition, dict) else {}
+        return policies
 
     async def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         """One queue's details (depth, consumers), or None when it does not exist."""
-        result: dict[str, Any] | None = await self._get(
+        result = await self._get(
             f"/api/queues/{_vhost(vhost)}/{quote(name, safe='')}", missing_ok=True, vhost=vhost
         )
-        return result
+        return result if isinstance(result, dict) else None
 
     async def tracing(self, vhost: str) -> bool:
         """Whether the broker's firehose tracer is on for the vhost."""
         item = await self._get(f"/api/vhosts/{_vhost(vhost)}", vhost=vhost)
-        return bool(item.get("tracing"))
+        return isinstance(item, dict) and item.get("tracing") is True
 
     async def set_tracing(self, vhost: str, on: bool) -> None:
         """Turn the firehose tracer on or off for the vhost (needs the 'administrator' tag)."""
@@ -155,5 +185,5 @@ class ManagementApi:
 
     async def vhosts(self) -> list[str]:
         """Names of every vhost."""
-        items = await self._get("/api/vhosts")
-        return [item["name"] for item in items if "name" in item]
+        items = await self._objects("/api/vhosts", None)
+        return [item["name"] for item in items if isinstance(item.get("name"), str)]

@@ -70,6 +70,29 @@ class CaptureMetrics:
             ["vhost"],
             registry=self.registry,
         )
+        self.unbound_exchanges = Gauge(
+            "rabbit_archive_unbound_exchanges",
+            "Exchanges the plan binds but the broker refused or that cannot be sent as listed.",
+            ["vhost", "state"],
+            registry=self.registry,
+        )
+        self.discovery_rounds = Counter(
+            "rabbit_archive_discovery_rounds",
+            "Rounds of reading exchanges and bindings (about four management API calls each).",
+            ["vhost"],
+            registry=self.registry,
+        )
+        self.management_requests = Counter(
+            "rabbit_archive_management_requests",
+            "Requests made to the management API.",
+            registry=self.registry,
+        )
+        self.vhost_unavailable = Gauge(
+            "rabbit_archive_vhost_unavailable",
+            "1 while a vhost cannot be captured (missing, no permissions, refused); retried.",
+            ["vhost"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "rabbit_archive_errors",
             "Failures by kind (broker, database, discovery); each is retried.",

@@ -2,19 +2,63 @@
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import aiormq
 
 from archive import queries
-from archive.db import CONNECTION_ERRORS, create_pool
-from archive.errors import BrokerUnavailable, DatabaseUnavailable, describe
+from archive.db import DATABASE_ERRORS, create_pool, database_error
+from archive.errors import BrokerUnavailable, describe
 from archive.migrate import schema_version
+from capture.binding_plan import BindingPlan
 from capture.discovery import BindingKeeper
 from capture.management import ManagementApi, management_client
 from capture.metrics import CaptureMetrics
 from config.settings import Settings, mask_url
+
+# Recorded states that tell more than the plan's "bound": the daemon tried and could not.
+_OVERRIDING = frozenset({"refused", "unrepresentable", "failed"})
+
+
+def exchange_states(
+    vhost: str, plan: BindingPlan, recorded: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each exchange of the plan with its state and reason, the daemon's recorded failures on top.
+
+    The plan says what should happen now; a recorded 'refused', 'unrepresentable' or 'failed'
+    row says the daemon tried to bind a planned exchange and could not. Rows of exchanges the
+    plan no longer has (deleted since) are left out.
+    """
+    states: list[dict[str, Any]] = []
+    for bound in plan.bound:
+        row = recorded.get(bound.exchange)
+        if row is not None and row["state"] not in _OVERRIDING | {"bound"}:
+            row = None  # recorded before the plan changed (INCLUDE, EXCLUDE, the type)
+        state, reason = (row["state"], row["reason"]) if row is not None else ("bound", "")
+        states.append(_state(vhost, bound.exchange, bound.type, state, reason, row))
+    for skipped in plan.skipped:
+        row = recorded.get(skipped.exchange)
+        if row is not None and row["state"] != "skipped":
+            row = None
+        states.append(_state(vhost, skipped.exchange, skipped.type, "skipped", skipped.reason, row))
+    return sorted(states, key=lambda item: item["exchange"])
+
+
+def _state(
+    vhost: str, exchange: str, type_: str, state: str, reason: str, row: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    since = row["updated_at"] if row is not None else None
+    return {
+        "vhost": vhost,
+        "exchange": exchange,
+        "type": type_,
+        "state": state,
+        "reason": reason,
+        # When the daemon recorded this state (None: only planned, nothing recorded yet).
+        "since": since.isoformat() if isinstance(since, datetime) else None,
+    }
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -30,8 +74,10 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         queue_depth = 0
         consumers = 0
         consumers_per_vhost: dict[str, int] = {}
+        plans: dict[str, BindingPlan] = {}
         for vhost in vhosts:
             plan, current = await keeper.plan(vhost)
+            plans[vhost] = plan
             by_exchange: dict[str, list[dict[str, Any]]] = {}
             for binding in sorted(current, key=lambda b: (b.exchange, b.routing_key)):
                 by_exchange.setdefault(binding.exchange, []).append(
@@ -58,17 +104,24 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             queue_depth += depth
             consumers += consuming
             consumers_per_vhost[vhost] = consuming
+    database, recorded = await _database_status(settings, list(vhosts))
+    states = [
+        item
+        for vhost, plan in plans.items()
+        for item in exchange_states(vhost, plan, recorded.get(vhost, {}))
+    ]
     report: dict[str, Any] = {
         "vhosts": list(vhosts),
         "queue": settings.queue,
         "exchanges": exchanges,
         "skipped": skipped,
+        "exchange_states": states,
         "queue_depth": queue_depth,
         "consumers": consumers,
         # Something consumes every archive queue: a daemon is running (one per queue is active).
         "capturing": bool(consumers_per_vhost) and all(count > 0 for count in consumers_per_vhost.values()),
     }
-    report.update(await _database_status(settings))
+    report.update(database)
     return report
 
 
@@ -90,8 +143,12 @@ async def _queue_counts(url: str, queue: str) -> tuple[int, int]:
             await asyncio.wait_for(connection.close(), 5)
 
 
-async def _database_status(settings: Settings) -> dict[str, Any]:
+async def _database_status(
+    settings: Settings, vhosts: list[str]
+) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]]]:
+    """The database's part of the report, and the recorded binding states by vhost and exchange."""
     pool = await create_pool(settings.database_url, max_size=1)
+    recorded: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         async with pool.acquire() as connection:
             version = await schema_version(connection)
@@ -100,13 +157,18 @@ async def _database_status(settings: Settings) -> dict[str, Any]:
                 rows = await connection.fetchval(queries.COUNT_MESSAGES)
                 newest = await connection.fetchval(queries.NEWEST_CAPTURE)
                 recent = [dict(row.items()) for row in await connection.fetch(queries.RECENT_BY_EXCHANGE)]
-    except CONNECTION_ERRORS as error:
-        raise DatabaseUnavailable(f"reading status: {describe(error)}") from error
+                # A schema older than version 3 has no binding_state: the plan alone is shown.
+                if await connection.fetchval(queries.BINDING_STATE_EXISTS):
+                    for row in await connection.fetch(queries.BINDING_STATE, vhosts):
+                        recorded.setdefault(row["vhost"], {})[row["exchange"]] = dict(row.items())
+    except DATABASE_ERRORS as error:
+        raise database_error(error, "reading status") from None
     finally:
         await pool.close()
-    return {
+    report = {
         "rows": rows,
         "newest_captured_at": newest.isoformat() if isinstance(newest, datetime) else None,
         "schema_version": version,
         "stored_by_exchange": recent,
     }
+    return report, recorded

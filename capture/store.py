@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import asyncpg
 
 from archive import queries
-from archive.db import CONNECTION_ERRORS, Connection
-from archive.errors import DatabaseUnavailable, describe
+from archive.db import DATABASE_ERRORS, Connection, database_error
+from archive.errors import describe
 from archive.records import MESSAGE_COLUMNS, clean_properties, fingerprint, message_row
 from capture.batching import Delivery
 
@@ -70,7 +70,8 @@ class _Prepared:
 
 # SQLSTATE classes caused by the data itself (22 data exception, 54 program limit exceeded):
 # splitting the batch isolates the message. Any other error is the database's own trouble
-# (read-only after a failover, disk full, permissions) and the whole batch is retried.
+# (read-only after a failover, disk full, a cancelled statement, a lock or serialization
+# conflict, permissions): it becomes DatabaseRefused and the whole batch is retried.
 _DATA_ERROR_CLASSES = ("22", "54")
 
 
@@ -80,7 +81,7 @@ def _is_data_error(error: BaseException) -> bool:
 
 
 class PostgresStore:
-    """ArchiveStore on an asyncpg pool; driver errors become DatabaseUnavailable."""
+    """ArchiveStore on an asyncpg pool; driver errors become DatabaseUnavailable (or DatabaseRefused)."""
 
     def __init__(self, pool: "asyncpg.Pool[asyncpg.Record]", *, strip_delivery_count: bool = True) -> None:
         self._pool = pool
@@ -122,10 +123,10 @@ class PostgresStore:
                 if retry and await connection.fetchval(queries.BATCH_COMMITTED, batch_id):
                     return WriteResult(already_committed=True)
                 return await self._write_part(connection, vhost, prepared, batch_id)
-        except CONNECTION_ERRORS as error:
-            raise DatabaseUnavailable(f"writing a batch failed: {describe(error)}") from error
-        except asyncpg.PostgresError as error:
-            raise DatabaseUnavailable(f"PostgreSQL refused a batch: {describe(error)}") from error
+        except DATABASE_ERRORS as error:
+            # Data errors of single rows were dealt with by _write_part: what is left is the
+            # database's state, and the batch stays unacknowledged until it can be committed.
+            raise database_error(error, "writing a batch") from error
 
     async def _write_part(
         self, connection: Connection, vhost: str, prepared: list[_Prepared], batch_id: int
@@ -216,15 +217,12 @@ class PostgresStore:
         """Drop the redelivery fingerprints of batches whose acknowledgement was processed."""
         try:
             await self._pool.execute(queries.FORGET_PENDING, list(batch_ids))
-        except CONNECTION_ERRORS as error:
-            raise DatabaseUnavailable(f"cleaning pending fingerprints: {describe(error)}") from error
+        except DATABASE_ERRORS as error:
+            raise database_error(error, "cleaning pending fingerprints") from error
 
     async def prune(self, older_than: timedelta) -> int:
         """Drop the partitions older than RETENTION; returns how many."""
-        try:
-            return await prune(self._pool, older_than)
-        except CONNECTION_ERRORS as error:
-            raise DatabaseUnavailable(f"pruning: {describe(error)}") from error
+        return await prune(self._pool, older_than)
 
     async def ensure_partitions(self, days_ahead: int) -> int:
         """Create the daily partitions from today (UTC) on that do not exist yet."""
@@ -234,8 +232,8 @@ class PostgresStore:
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK_ID)
                 created: int = await connection.fetchval(queries.ENSURE_PARTITIONS, today, days_ahead + 1)
                 return created
-        except CONNECTION_ERRORS as error:
-            raise DatabaseUnavailable(f"creating partitions: {describe(error)}") from error
+        except DATABASE_ERRORS as error:
+            raise database_error(error, "creating partitions") from error
 
 
 async def _copy(
@@ -252,14 +250,20 @@ async def _copy(
 
 
 async def prune(store_pool: "asyncpg.Pool[asyncpg.Record]", older_than: timedelta) -> int:
-    """Drop every daily partition entirely older than now - older_than; returns how many."""
+    """Drop every daily partition entirely older than now - older_than; returns how many.
+
+    Driver errors become DatabaseUnavailable (DatabaseRefused when PostgreSQL refuses).
+    """
     cutoff = datetime.now(UTC) - older_than
-    async with store_pool.acquire() as connection:
-        names = [row[0] for row in await connection.fetch(queries.PARTITIONS_BEFORE, cutoff)]
-        for name in names:
-            statement = await connection.fetchval(queries.DROP_PARTITION, name)
-            await connection.execute(statement)
-        await connection.execute(queries.DELETE_OLDER_DEFAULT, cutoff)
+    try:
+        async with store_pool.acquire() as connection:
+            names = [row[0] for row in await connection.fetch(queries.PARTITIONS_BEFORE, cutoff)]
+            for name in names:
+                statement = await connection.fetchval(queries.DROP_PARTITION, name)
+                await connection.execute(statement)
+            await connection.execute(queries.DELETE_OLDER_DEFAULT, cutoff)
+    except DATABASE_ERRORS as error:
+        raise database_error(error, "pruning") from error
     return len(names)
 
 

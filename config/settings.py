@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     amqp_url: str = Field(default="amqp://guest:guest@localhost:5672/", repr=False)
     management_url: str = Field(default="http://localhost:15672", repr=False)
     management_ca_file: Path | None = None
+    # Lets an amqps:// setup send AMQP_URL's password to a plain http:// management API.
+    allow_plaintext_management_password: bool = False
     database_url: str = Field(default="postgresql://localhost/rabbit_archive", repr=False)
     vhosts: CommaList = ()
     queue: str = Field(default="rabbit-archive", min_length=1, max_length=255)
@@ -221,6 +223,27 @@ class Settings(BaseSettings):
             if parts.username is not None:
                 return unquote(parts.username), unquote(parts.password or "")
         return "guest", "guest"
+
+    def check_management_transport(self) -> None:
+        """ConfigError when the management API would get AMQP_URL's password over plain http.
+
+        Whoever chose amqps:// protects that password; copying it to an http:// MANAGEMENT_URL
+        would send it in clear text (HTTP basic auth) on every discovery round.
+        """
+        amqp, management = urlsplit(self.amqp_url), urlsplit(self.management_url)
+        if (
+            amqp.scheme == "amqps"
+            and amqp.username is not None
+            and management.scheme == "http"
+            and management.username is None
+            and not self.allow_plaintext_management_password
+        ):
+            raise ConfigError(
+                f"{ENV_PREFIX}MANAGEMENT_URL: http:// would send the password of the amqps:// "
+                f"{ENV_PREFIX}AMQP_URL in clear text; use https:// for {ENV_PREFIX}MANAGEMENT_URL, "
+                f"put credentials in {ENV_PREFIX}MANAGEMENT_URL, or set "
+                f"{ENV_PREFIX}ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD=true"
+            )
 
     @property
     def management_base(self) -> str:

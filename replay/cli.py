@@ -285,31 +285,29 @@ def export(
     vhost: VhostOpt = None,
     include_replays: IncludeReplaysOpt = False,
     output: Annotated[
-        Path | None, typer.Option("--output", help="Write to FILE instead of standard output.")
+        Path | None,
+        typer.Option("--output", help="Write to FILE (a new file, mode 0600) instead of standard output."),
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
 ) -> None:
     """Write matching messages as JSON Lines, byte for byte, for 'run --from-file' elsewhere."""
     filters = _filters(locals())
+    if force and output is None:
+        fail("--force replaces the --output file: give --output", 2)
     settings = settings_or_exit()
-
-    async def write() -> int:
-        written = 0
-        target = output.open("w", encoding="utf-8") if output else sys.stdout
+    if output is None:
         try:
-            async for message in operations.find(settings, filters, None):
-                target.write(json_line(full_json(message)) + "\n")
-                written += 1
-        finally:
-            if output:
-                target.close()
-        return written
-
+            run_async(lambda: operations.export(settings, filters, sys.stdout))
+        except OSError as error:
+            fail(f"writing to standard output failed: {error.strerror or error}", 1)
+        return
     try:
-        written = run_async(write)
-    except OSError as error:
-        fail(f"--output: cannot write {output}: {error.strerror or error}", 2)
-    if output:
-        print(f"exported {written} messages to {output}", file=sys.stderr)
+        # Checked before the query runs; the file appears only once every message is written.
+        with operations.export_file(output, force=force) as target:
+            written = run_async(lambda: operations.export(settings, filters, target))
+    except ArchiveError as error:
+        fail(str(error), error.exit_code)
+    print(f"exported {written} messages to {output}", file=sys.stderr)
 
 
 class TerminalProgress(Progress):

@@ -5,11 +5,14 @@ import contextlib
 import getpass
 import json
 import os
+import secrets
 import signal
+import stat
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TextIO
 
 import asyncpg
 
@@ -20,6 +23,7 @@ from replay import history, selection
 from replay.filters import Filters
 from replay.history import ReplayRecord, Target
 from replay.publisher import Publisher
+from replay.records import full_json
 from replay.runner import Counts, Job, Progress, ReplayStopped, count_file, execute
 from replay.selection import ArchivedMessage, Group
 from replay.tagging import Tag
@@ -102,6 +106,143 @@ async def find(settings: Settings, filters: Filters, limit: int | None) -> Async
     async with archive_connection(settings) as connection:
         async for message in selection.messages(connection, filters, limit=limit):
             yield message
+
+
+async def export(settings: Settings, filters: Filters, target: TextIO) -> int:
+    """Write the selected messages to target as JSON Lines; returns how many.
+
+    SIGTERM stops it like Ctrl-C (ExportStopped), so that a file being written is removed.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    stopped: list[bool] = []
+
+    def stop() -> None:
+        stopped.append(True)
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    written = 0
+    try:
+        async for message in find(settings, filters, None):
+            target.write(json_line(full_json(message)) + "\n")
+            written += 1
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        raise ExportStopped(f"export stopped by SIGTERM after {written} messages") from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    return written
+
+
+class ExportStopped(ArchiveError):
+    """An export ended before its last message (SIGTERM)."""
+
+
+class ExportFailed(ArchiveError):
+    """Writing the export file failed midway (disk full, file too large, I/O error)."""
+
+
+# The temporary file an export writes before it takes the --output name: in the same directory
+# (so that the rename is atomic), hidden, and never a name anyone else uses (O_EXCL).
+_PART_SUFFIX = ".part"
+
+
+def _refuse_path(path: Path, *, force: bool) -> None:
+    """UsageError when path may not become the export file (checked again at the end)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise UsageError(f"--output: cannot use {path}: {error.strerror or error}") from None
+    if stat.S_ISLNK(found.st_mode):
+        raise UsageError(f"--output: {path} is a symbolic link; give the path of a new file")
+    if not stat.S_ISREG(found.st_mode):
+        raise UsageError(f"--output: {path} exists and is not a regular file; give the path of a new file")
+    if not force:
+        raise UsageError(f"--output: {path} exists; pass --force to replace it, or choose another name")
+
+
+def _create_part(path: Path) -> tuple[Path, int]:
+    """A new private file beside path (mode 0600, O_EXCL, never through a symbolic link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        part = path.with_name(f".{path.name}.{secrets.token_hex(6)}{_PART_SUFFIX}")
+        try:
+            fd = os.open(part, flags, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UsageError(
+                f"--output: cannot create a file in {path.parent}: {error.strerror or error}"
+            ) from None
+        os.fchmod(fd, 0o600)  # whatever the umask
+        return part, fd
+    raise UsageError(f"--output: cannot find a free temporary name in {path.parent}")
+
+
+def _publish_part(part: Path, path: Path, *, force: bool) -> None:
+    """Give the finished file its name: only now does path exist (or change)."""
+    _refuse_path(path, force=force)
+    if force:
+        # A rename replaces whatever is at path (even a symbolic link created since the check)
+        # and never writes through it.
+        os.replace(part, path)
+        return
+    try:
+        # A hard link fails if anything appeared at path meanwhile: no file is ever clobbered.
+        os.link(part, path, follow_symlinks=False)
+    except FileExistsError:
+        raise UsageError(f"--output: {path} appeared during the export; pass --force to replace it") from None
+    except OSError:
+        # A file system without hard links: the check above, then a rename.
+        os.replace(part, path)
+    else:
+        os.unlink(part)
+
+
+@contextlib.contextmanager
+def export_file(path: Path, *, force: bool = False) -> Iterator[TextIO]:
+    """A text file that appears at path, mode 0600, only when the block succeeds.
+
+    It is written under a temporary name in the same directory and renamed at the end; a
+    symbolic link at path is refused (never followed), an existing file is replaced only with
+    force, and a block that fails (an error, Ctrl-C, SIGTERM) leaves neither file behind.
+    """
+    _refuse_path(path, force=force)
+    part, fd = _create_part(path)
+    try:
+        target = open(fd, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed below
+        try:
+            yield target
+            target.flush()
+            os.fsync(target.fileno())
+        except OSError as error:
+            raise ExportFailed(
+                f"--output: writing {path} failed: {error.strerror or error}; no file was written"
+            ) from None
+        finally:
+            # After a failed write, closing retries the flush and fails again: nothing to add.
+            with contextlib.suppress(OSError):
+                target.close()
+        try:
+            _publish_part(part, path, force=force)
+        except OSError as error:
+            raise ExportFailed(f"--output: cannot create {path}: {error.strerror or error}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    with contextlib.suppress(OSError):
+        # The rename itself survives a crash only once the directory is on disk.
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 async def count(settings: Settings, filters: Filters) -> int:
@@ -208,7 +349,7 @@ async def _check_target(publisher: Publisher, target: Target, groups: list[Group
     elif target.exchange is not None:
         await publisher.check_exchange(target.exchange, "check --to-exchange")
     else:
-        for name in sorted({group.exchange for group in groups}):
+        for name in sorted({group.wire_exchange for group in groups}):
             await publisher.check_exchange(
                 name, "declare it again, or replay with --to-exchange or --to-queue"
             )

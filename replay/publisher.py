@@ -11,7 +11,7 @@ import aiormq
 import aiormq.abc
 from pamqp import commands
 
-from archive import content_header
+from archive import content_header, frames
 from archive.amqp_codec import CodecError, decode_properties
 from archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe, reply_text
 from config.settings import mask_url
@@ -60,7 +60,7 @@ class Publisher:
         # keeps pamqp from failing on header types it cannot represent.
         content_header.install()
         try:
-            self._connection = await aiormq.connect(self._url)
+            self._connection = await frames.connect(self._url, self._vhost)
             self._channel = cast(aiormq.Channel, await self._connection.channel(publisher_confirms=True))
         except aiormq.exceptions.ProbableAuthenticationError:
             raise AccessRefused(
@@ -122,7 +122,9 @@ class Publisher:
         """Messages ready in a queue; UsageError when it does not exist."""
         channel = await self._probe_channel()
         try:
-            declared = await channel.queue_declare(queue, passive=True)
+            declared = await frames.rpc(channel, frames.queue_declare(queue, passive=True))
+        except frames.NameTooLong:
+            raise UsageError(f"queue name {queue!r} is longer than the 255 bytes AMQP allows") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
             self._probe = None
             raise UsageError(
@@ -137,7 +139,9 @@ class Publisher:
             return
         channel = await self._probe_channel()
         try:
-            await channel.exchange_declare(exchange, passive=True)
+            await frames.rpc(channel, frames.exchange_declare(exchange, passive=True))
+        except frames.NameTooLong:
+            raise UsageError(f"exchange name {exchange!r} is longer than the 255 bytes AMQP allows") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
             self._probe = None
             raise UsageError(
@@ -149,14 +153,13 @@ class Publisher:
     ) -> "asyncio.Task[None]":
         """Send one message with mandatory set; the task ends when the broker confirms it.
 
-        Tasks are created in order and aiormq sends frames in the order it is called, so the
+        Tasks are created in order and each takes the channel lock in that order, so the
         broker receives messages in archive-id order.
         """
         assert self._channel is not None
         self._sequence += 1
-        properties = content_header.RawProperties(properties_raw, f"rabbit-replay-{self._sequence}")
         return asyncio.create_task(
-            self._confirmed(self._channel, exchange, routing_key, properties, body),
+            self._confirmed(self._channel, exchange, routing_key, properties_raw, body),
             name=f"replay-publish-{self._sequence}",
         )
 
@@ -165,18 +168,16 @@ class Publisher:
         channel: aiormq.Channel,
         exchange: str,
         routing_key: str,
-        properties: content_header.RawProperties,
+        properties_raw: bytes,
         body: bytes,
     ) -> None:
         try:
-            await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,  # type: ignore[arg-type]
-                mandatory=True,
-                wait=False,
+            # Written here, not by aiormq: pamqp would refuse names RabbitMQ accepts.
+            confirmation = await frames.publish(
+                channel, exchange, routing_key, properties_raw, body, mandatory=True
             )
+            if confirmation is not None:
+                await confirmation
         except aiormq.exceptions.DeliveryError as error:
             raise Nacked(str(error.frame)) from None
         except aiormq.exceptions.ChannelAccessRefused as error:

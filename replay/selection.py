@@ -6,6 +6,7 @@ capture from creating tomorrow's partition or prune from dropping an old one. A 
 cut by bytes as well as rows, so a run of 20 MB bodies never sits in memory together.
 """
 
+import builtins
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ _ROWS_BY_ID = _ROWS + "WHERE id = ANY($1::bigint[]) ORDER BY id"
 _ONE_ROW = _ROWS + "WHERE id = $1::bigint"
 _COUNT = "SELECT count(*) FROM rabbit_archive.messages WHERE {where}"
 _BREAKDOWN = """
-SELECT vhost, exchange, routing_key, count(*) AS messages, coalesce(sum(body_size), 0) AS bytes
+SELECT vhost, exchange, routing_key, count(*) AS messages, coalesce(sum(body_size), 0) AS bytes,
+       exchange_raw
 FROM rabbit_archive.messages WHERE {where}
-GROUP BY vhost, exchange, routing_key
+GROUP BY vhost, exchange, routing_key, exchange_raw
 ORDER BY messages DESC, vhost, exchange, routing_key
 """
 _NEWEST_ID = "SELECT max(id) FROM rabbit_archive.messages"
@@ -80,6 +82,15 @@ class Group:
     routing_key: str
     messages: int
     bytes: int
+    # The exchange's bytes when the text view above is not exactly the name (NUL, not UTF-8).
+    exchange_raw: "builtins.bytes | None" = None
+
+    @property
+    def wire_exchange(self) -> str:
+        """The exchange name as it goes on the wire (surrogate-escaped where not UTF-8)."""
+        if self.exchange_raw is None:
+            return self.exchange
+        return self.exchange_raw.decode("utf-8", "surrogateescape")
 
 
 def _message(record: asyncpg.Record) -> ArchivedMessage:

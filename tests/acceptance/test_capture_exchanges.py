@@ -4,7 +4,9 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pika
 import pytest
 
@@ -220,3 +222,69 @@ def test_with_the_event_plugin_a_new_exchange_is_bound_within_a_second(
         10,
         what="the message on the new exchange captured",
     )
+
+
+def test_a_burst_of_binding_changes_is_coalesced_into_a_few_discovery_rounds(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    database_url: str,
+    management: httpx.Client,
+    vhost: str,
+) -> None:
+    """An application that binds and unbinds all the time must not keep the daemon re-reading."""
+    daemon = start_capture(discovery_interval="60")
+    wait_for(lambda: "watching_topology_events" in daemon.log(), 15, what="the event watcher")
+    pika_channel.exchange_declare("churn", "direct")
+    pika_channel.queue_declare("churn-consumer")
+    # A direct exchange nobody binds yet has nothing to mirror; let the round for it pass.
+    time.sleep(1)
+
+    def _plain(name: str) -> float:
+        for line in daemon.metrics().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    rounds_before = daemon.metric_total("rabbit_archive_discovery_rounds_total")
+    requests_before = _plain("rabbit_archive_management_requests_total")
+    started = time.monotonic()
+    for n in range(500):
+        pika_channel.queue_bind("churn-consumer", "churn", f"key.{n}")
+        pika_channel.queue_unbind("churn-consumer", "churn", f"key.{n}")
+    pika_channel.queue_bind("churn-consumer", "churn", "kept")
+    burst = time.monotonic() - started
+    # The last change is picked up: the archive mirrors the one key that stayed.
+    archive_bindings = f"/api/queues/{quote(vhost, safe='')}/rabbit-archive/bindings"
+    wait_for(
+        lambda: (
+            [
+                item["routing_key"]
+                for item in management.get(archive_bindings).json()
+                if item["source"] == "churn"
+            ]
+            == ["kept"]
+        ),
+        15,
+        what="the archive mirroring only the key that stayed",
+    )
+    window = time.monotonic() - started
+    pika_channel.basic_publish("churn", "kept", b"after the burst")
+    wait_for(
+        lambda: (
+            run_sql(
+                database_url, "SELECT count(*) FROM rabbit_archive.messages WHERE exchange = $1", "churn"
+            )[0][0]
+            == 1
+        ),
+        15,
+        what="the message after the burst captured",
+    )
+    rounds = daemon.metric_total("rabbit_archive_discovery_rounds_total") - rounds_before
+    requests = _plain("rabbit_archive_management_requests_total") - requests_before
+    print(
+        f"1,000 binding changes in {burst:.1f} s: {rounds:.0f} discovery rounds, {requests:.0f} management "
+        f"API requests in {window:.1f} s ({requests / window:.1f} per second)"
+    )
+    # At most one round per NUDGE_MIN_INTERVAL (0.5 s) while events keep coming, plus the last.
+    assert rounds <= window / 0.5 + 2
+    assert requests <= 4 * rounds + 4

@@ -455,3 +455,56 @@ def test_zero_retention_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) 
 
 def test_empty_include_means_every_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load(monkeypatch, INCLUDE="").include == ("*",)
+
+
+# --- the management password over plain http ----------------------------------------------
+
+
+def test_amqps_password_is_not_sent_to_a_plain_http_management_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load(
+        monkeypatch, AMQP_URL="amqps://app:s3cret@rabbit:5671/prod", MANAGEMENT_URL="http://rabbit:15672"
+    )
+    with pytest.raises(ConfigError) as caught:
+        settings.check_management_transport()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "s3cret" not in message
+    # It says how to fix it, all three ways.
+    for fix in (
+        "https://",
+        "credentials in RABBIT_ARCHIVE_MANAGEMENT_URL",
+        "ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD=true",
+    ):
+        assert fix in message
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        # TLS on both.
+        {"AMQP_URL": "amqps://app:pw@rabbit:5671/", "MANAGEMENT_URL": "https://rabbit:15671"},
+        # Credentials of their own in MANAGEMENT_URL: the operator chose to send those.
+        {"AMQP_URL": "amqps://app:pw@rabbit:5671/", "MANAGEMENT_URL": "http://monitor:m@rabbit:15672"},
+        # Explicitly allowed.
+        {
+            "AMQP_URL": "amqps://app:pw@rabbit:5671/",
+            "MANAGEMENT_URL": "http://rabbit:15672",
+            "ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD": "true",
+        },
+        # Plain AMQP: the password already travels in clear text.
+        {"AMQP_URL": "amqp://app:pw@rabbit:5672/", "MANAGEMENT_URL": "http://rabbit:15672"},
+        # No credentials in AMQP_URL: nothing of it is sent.
+        {"AMQP_URL": "amqps://rabbit:5671/", "MANAGEMENT_URL": "http://rabbit:15672"},
+        # The defaults.
+        {},
+    ],
+)
+def test_management_transport_accepted(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> None:
+    load(monkeypatch, **variables).check_management_transport()
+
+
+def test_allow_plaintext_management_password_defaults_to_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(monkeypatch).allow_plaintext_management_password is False
+    assert config_error(monkeypatch, ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD="maybe").startswith(
+        "RABBIT_ARCHIVE_ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD:"
+    )

@@ -1,0 +1,373 @@
+"""AMQP method frames written here, byte for byte, for every method that carries a name.
+
+RabbitMQ accepts any UTF-8 exchange or queue name up to 255 bytes, routing keys up to 255
+bytes and binding arguments of any field type; pamqp (under aiormq) refuses names outside
+a narrow character class or longer than 127 characters, counts routing keys in characters
+and cannot encode every argument type. These frames never ask pamqp: the broker decides
+what it accepts and answers with a channel error we report per item.
+
+Names are ``str`` as the rest of the code base holds them; a name that arrived as invalid
+UTF-8 was decoded with surrogate escapes and goes back on the wire as its original bytes.
+"""
+
+import asyncio
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import aiormq
+import aiormq.abc
+from pamqp import base, commands, header
+
+from archive.amqp_codec import CodecError, FieldValue, Table, encode_table
+
+_SHORT = struct.Struct(">H")
+_EMPTY_TABLE = b"\x00\x00\x00\x00"
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+class NameTooLong(ValueError):
+    """A name or key is longer than the 255 bytes an AMQP short string can hold."""
+
+
+class Unrepresentable(ValueError):
+    """A value (from the management API's JSON) that no AMQP field type carries faithfully."""
+
+
+def name_bytes(name: str | bytes) -> bytes:
+    """The wire bytes of a name: UTF-8, with surrogate escapes turned back into their bytes."""
+    return name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+
+
+def _shortstr(name: str | bytes) -> bytes:
+    raw = name_bytes(name)
+    if len(raw) > 255:
+        raise NameTooLong(f"{len(raw)} bytes, AMQP allows 255: {raw[:40]!r}...")
+    return bytes((len(raw),)) + raw
+
+
+def _bits(*flags: bool) -> bytes:
+    value = 0
+    for position, flag in enumerate(flags):
+        if flag:
+            value |= 1 << position
+    return bytes((value,))
+
+
+def field_value(value: Any) -> FieldValue:
+    """The AMQP field value for a JSON value, the way RabbitMQ's own clients type them.
+
+    bool -> t, int -> l (64-bit), float -> d, str -> S, list -> A, dict -> F, None -> V.
+    Raises Unrepresentable for what none of them carries (an integer beyond 64 bits).
+    """
+    if value is None:
+        return ("V", None)
+    if isinstance(value, bool):
+        return ("t", value)
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise Unrepresentable(f"integer {value} does not fit a 64-bit AMQP field")
+        return ("l", value)
+    if isinstance(value, float):
+        return ("d", value)
+    if isinstance(value, str):
+        return ("S", value.encode("utf-8", "surrogateescape"))
+    if isinstance(value, Mapping):
+        return ("F", table_from_json(value))
+    if isinstance(value, Sequence):
+        return ("A", [field_value(item) for item in value])
+    raise Unrepresentable(f"a {type(value).__name__} has no AMQP field type")
+
+
+def table_from_json(arguments: Mapping[str, Any]) -> Table:
+    """An AMQP field table for JSON-style arguments (binding or queue arguments)."""
+    table: Table = []
+    for key, value in arguments.items():
+        raw_key = name_bytes(str(key))
+        if len(raw_key) > 255:
+            raise Unrepresentable(f"argument name of {len(raw_key)} bytes (AMQP allows 255)")
+        table.append((raw_key, field_value(value)))
+    return table
+
+
+def _table(arguments: Mapping[str, Any] | None) -> bytes:
+    if not arguments:
+        return _EMPTY_TABLE
+    try:
+        return encode_table(table_from_json(arguments))
+    except CodecError as error:
+        raise Unrepresentable(str(error)) from None
+
+
+def _method(command: type[base.Frame], payload: bytes, **attributes: Any) -> base.Frame:
+    """A frame of the command's class (aiormq checks replies by it) that marshals as payload."""
+    frame = _RAW_CLASSES[command].__new__(_RAW_CLASSES[command])
+    frame.payload = payload  # type: ignore[attr-defined]
+    for name, value in attributes.items():
+        setattr(frame, name, value)
+    return frame
+
+
+class _RawMixin:
+    payload: bytes
+
+    def marshal(self) -> bytes:
+        """The arguments exactly as built here."""
+        return self.payload
+
+    def validate(self) -> None:
+        """The broker validates; see the module docstring."""
+
+
+def _raw_class(command: type[base.Frame]) -> type[base.Frame]:
+    # No __slots__: instances get a __dict__ for the payload, the parent's slots stay usable.
+    return type(f"Raw{command.name.replace('.', '')}", (_RawMixin, command), {})
+
+
+_RAW_CLASSES: dict[type[base.Frame], type[base.Frame]] = {
+    command: _raw_class(command)
+    for command in (
+        commands.Queue.Declare,
+        commands.Queue.Bind,
+        commands.Queue.Unbind,
+        commands.Queue.Delete,
+        commands.Exchange.Declare,
+        commands.Exchange.Delete,
+        commands.Basic.Consume,
+        commands.Basic.Publish,
+        commands.Connection.Open,
+    )
+}
+
+
+def queue_declare(
+    queue: str,
+    *,
+    passive: bool = False,
+    durable: bool = False,
+    exclusive: bool = False,
+    auto_delete: bool = False,
+    arguments: Mapping[str, Any] | None = None,
+) -> base.Frame:
+    """queue.declare (passive: only check that it exists and read its counts)."""
+    payload = (
+        _SHORT.pack(0)
+        + _shortstr(queue)
+        + _bits(passive, durable, exclusive, auto_delete, False)
+        + _table(arguments)
+    )
+    return _method(commands.Queue.Declare, payload, queue=queue, nowait=False)
+
+
+def queue_delete(queue: str, *, if_unused: bool = False, if_empty: bool = False) -> base.Frame:
+    """queue.delete."""
+    payload = _SHORT.pack(0) + _shortstr(queue) + _bits(if_unused, if_empty, False)
+    return _method(commands.Queue.Delete, payload, queue=queue, nowait=False)
+
+
+def queue_bind(
+    queue: str, exchange: str, routing_key: str, arguments: Mapping[str, Any] | None = None
+) -> base.Frame:
+    """queue.bind; Unrepresentable when an argument has no faithful AMQP type."""
+    payload = (
+        _SHORT.pack(0)
+        + _shortstr(queue)
+        + _shortstr(exchange)
+        + _shortstr(routing_key)
+        + _bits(False)
+        + _table(arguments)
+    )
+    return _method(commands.Queue.Bind, payload, queue=queue, exchange=exchange, nowait=False)
+
+
+def queue_unbind(
+    queue: str, exchange: str, routing_key: str, arguments: Mapping[str, Any] | None = None
+) -> base.Frame:
+    """queue.unbind (it has no nowait flag)."""
+    payload = (
+        _SHORT.pack(0) + _shortstr(queue) + _shortstr(exchange) + _shortstr(routing_key) + _table(arguments)
+    )
+    return _method(commands.Queue.Unbind, payload, queue=queue, exchange=exchange)
+
+
+def exchange_declare(
+    exchange: str,
+    exchange_type: str = "direct",
+    *,
+    passive: bool = False,
+    durable: bool = False,
+    auto_delete: bool = False,
+    internal: bool = False,
+    arguments: Mapping[str, Any] | None = None,
+) -> base.Frame:
+    """exchange.declare (passive: only check that it exists)."""
+    payload = (
+        _SHORT.pack(0)
+        + _shortstr(exchange)
+        + _shortstr(exchange_type)
+        + _bits(passive, durable, auto_delete, internal, False)
+        + _table(arguments)
+    )
+    return _method(commands.Exchange.Declare, payload, exchange=exchange, nowait=False)
+
+
+def exchange_delete(exchange: str) -> base.Frame:
+    """exchange.delete."""
+    payload = _SHORT.pack(0) + _shortstr(exchange) + _bits(False, False)
+    return _method(commands.Exchange.Delete, payload, exchange=exchange, nowait=False)
+
+
+def basic_consume(queue: str, consumer_tag: str, *, no_ack: bool = False) -> base.Frame:
+    """basic.consume."""
+    payload = (
+        _SHORT.pack(0)
+        + _shortstr(queue)
+        + _shortstr(consumer_tag)
+        + _bits(False, no_ack, False, False)
+        + _EMPTY_TABLE
+    )
+    return _method(commands.Basic.Consume, payload, queue=queue, consumer_tag=consumer_tag, nowait=False)
+
+
+def basic_publish(exchange: str, routing_key: str, *, mandatory: bool = False) -> base.Frame:
+    """basic.publish (asynchronous: no reply, a confirm on a confirm channel)."""
+    payload = _SHORT.pack(0) + _shortstr(exchange) + _shortstr(routing_key) + _bits(mandatory, False)
+    return _method(commands.Basic.Publish, payload, exchange=exchange, routing_key=routing_key)
+
+
+class RawProperties:
+    """Basic properties that go on the wire as the given bytes (pamqp calls marshal())."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+
+    def marshal(self) -> bytes:
+        """The property flags and values, exactly as given."""
+        return self._raw
+
+
+async def consume(
+    channel: aiormq.Channel,
+    queue: str,
+    callback: aiormq.abc.ConsumerCallback,
+    *,
+    consumer_tag: str,
+    no_ack: bool = False,
+) -> commands.Basic.ConsumeOk:
+    """basic.consume through aiormq's consumer bookkeeping, with the queue name sent as is."""
+    channel.consumers[consumer_tag] = aiormq.tools.awaitable(callback)
+    try:
+        reply = await channel.rpc(basic_consume(queue, consumer_tag, no_ack=no_ack))
+    except BaseException:
+        channel.consumers.pop(consumer_tag, None)
+        raise
+    return cast(commands.Basic.ConsumeOk, reply)
+
+
+async def rpc(channel: aiormq.abc.AbstractChannel, frame: base.Frame) -> Any:
+    """Send a synchronous method built here and wait for the broker's reply."""
+    return await cast(aiormq.Channel, channel).rpc(frame)
+
+
+async def publish(
+    channel: aiormq.Channel,
+    exchange: str,
+    routing_key: str,
+    properties_raw: bytes,
+    body: bytes,
+    *,
+    mandatory: bool = False,
+) -> "asyncio.Future[Any] | None":
+    """Send one message; on a confirm channel return the future aiormq settles with its ack/nack.
+
+    The same bookkeeping as aiormq's basic_publish (one delivery tag per publish, taken
+    under the channel lock so that tags follow the order of frames on the wire), without
+    its name checks.
+    """
+    frames: list[Any] = [
+        basic_publish(exchange, routing_key, mandatory=mandatory),
+        header.ContentHeader(body_size=len(body), properties=RawProperties(properties_raw)),  # type: ignore[arg-type]
+        *channel._split_body(body),
+    ]
+    confirmation: asyncio.Future[Any] | None = None
+    async with channel.lock:
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        # Every publish takes a tag, as in aiormq, so that the broker's confirms line up.
+        channel.delivery_tag += 1
+        if channel.publisher_confirms:
+            confirmation = channel.create_future()
+            channel.confirmations[channel.delivery_tag] = confirmation
+        await channel.write_queue.put(
+            aiormq.abc.ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+        )
+    return confirmation
+
+
+__all__ = [
+    "NameTooLong",
+    "RawProperties",
+    "Unrepresentable",
+    "basic_consume",
+    "basic_publish",
+    "consume",
+    "exchange_declare",
+    "exchange_delete",
+    "field_value",
+    "name_bytes",
+    "publish",
+    "queue_bind",
+    "queue_declare",
+    "queue_delete",
+    "queue_unbind",
+    "rpc",
+    "table_from_json",
+]
+
+
+def connection_open(vhost: str) -> base.Frame:
+    """connection.open for a vhost of any name (pamqp refuses names over 127 characters)."""
+    payload = _shortstr(vhost) + _shortstr("") + _bits(False)
+    return _method(commands.Connection.Open, payload, virtual_host=vhost)
+
+
+class Connection(aiormq.Connection):
+    """aiormq's connection, opening the vhost it is given by name with a connection.open built here.
+
+    aiormq parses the vhost from the URL path and builds connection.open through pamqp, which
+    refuses long names; the name given here is sent as is.
+    """
+
+    def __init__(self, url: str, *, vhost: str, **kwargs: Any) -> None:
+        self._vhost_name = vhost
+        super().__init__(url, **kwargs)
+
+    @property
+    def vhost(self) -> str:
+        """The vhost name as aiormq may hold it (it builds connection.open from it; _rpc replaces that)."""
+        return self._vhost_name if len(self._vhost_name) <= 127 else "/"
+
+    @vhost.setter
+    def vhost(self, _parsed: str) -> None:
+        # aiormq assigns the vhost it parsed from the URL; the name given explicitly wins.
+        pass
+
+    async def _rpc(  # type: ignore[override]
+        self,
+        request: base.Frame,
+        writer: asyncio.StreamWriter,
+        frame_receiver: Any,
+        wait_response: bool = True,
+    ) -> Any:
+        if isinstance(request, commands.Connection.Open):
+            request = connection_open(self._vhost_name)
+        return await super()._rpc(request, writer, frame_receiver, wait_response)
+
+
+async def connect(url: str, vhost: str, **kwargs: Any) -> aiormq.abc.AbstractConnection:
+    """Open an AMQP connection to the vhost (named explicitly, so any name the broker holds works)."""
+    connection = Connection(url, vhost=vhost, **kwargs)
+    await connection.connect()
+    return connection
