@@ -1,7 +1,10 @@
 """Every SQL statement of rabbit-archive, named; values are always parameters."""
 
-# Redelivered messages whose rows were committed before a crash: consume one pending
-# fingerprint per redelivered copy (a multiset match), returning the ones matched.
+# Redelivered messages whose rows were committed before a crash: match one pending
+# fingerprint of an earlier broker session per redelivered copy (a multiset match), returning
+# the ones matched. A matched row is not deleted but moves to the current batch ($2) and
+# session ($3): if this batch's ack is lost too, the next redelivery still finds it; and a
+# copy delivered in this session can only come back in a later one.
 CLAIM_PENDING = """
 WITH wanted AS (
     SELECT fingerprint, count(*) AS copies
@@ -13,9 +16,11 @@ WITH wanted AS (
            w.copies
     FROM rabbit_archive.capture_pending AS p
     JOIN wanted AS w ON w.fingerprint = p.fingerprint
+    WHERE p.session_id <> $3::bigint
 )
-DELETE FROM rabbit_archive.capture_pending AS p
-USING candidates AS c
+UPDATE rabbit_archive.capture_pending AS p
+SET batch_id = $2::bigint, session_id = $3::bigint, created_at = now()
+FROM candidates AS c
 WHERE p.ctid = c.row_id AND c.rank <= c.copies
 RETURNING p.fingerprint
 """
@@ -23,7 +28,13 @@ RETURNING p.fingerprint
 # Batches whose acknowledgement the broker has certainly processed need no fingerprints.
 FORGET_PENDING = "DELETE FROM rabbit_archive.capture_pending WHERE batch_id = ANY($1::bigint[])"
 
-# A batch retried after a lost COMMIT reply: its fingerprints exist only if it committed.
+# Fingerprints of the vhost's earlier broker sessions ($1 vhost, $2 the current session): the
+# current session has read past every message the broker requeued from them.
+FORGET_OTHER_SESSIONS = """
+DELETE FROM rabbit_archive.capture_pending WHERE vhost = $1::text AND session_id <> $2::bigint
+"""
+
+# A batch retried after a lost COMMIT reply: its fingerprints (written or matched) exist only if it committed.
 BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending WHERE batch_id = $1)"
 
 ENSURE_PARTITIONS = "SELECT rabbit_archive.ensure_partitions($1::date, $2::integer)"

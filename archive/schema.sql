@@ -46,13 +46,18 @@ CREATE TABLE rabbit_archive.messages_default PARTITION OF rabbit_archive.message
 
 -- Fingerprints of rows committed but not yet known to be acknowledged: a message the
 -- broker redelivers after a crash between commit and ack is matched here and not stored twice.
+-- session_id and vhost name the broker session whose batch (batch_id) wrote or last matched
+-- the row (see capture/acks.py).
 CREATE TABLE rabbit_archive.capture_pending (
     fingerprint bytea NOT NULL,
     batch_id bigint NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    session_id bigint NOT NULL DEFAULT 0,
+    vhost text NOT NULL DEFAULT ''
 );
 CREATE INDEX capture_pending_fingerprint_idx ON rabbit_archive.capture_pending (fingerprint);
 CREATE INDEX capture_pending_batch_idx ON rabbit_archive.capture_pending (batch_id);
+CREATE INDEX capture_pending_session_idx ON rabbit_archive.capture_pending (vhost, session_id);
 
 -- Creates the daily partitions of [first_day, first_day + days) that do not exist yet.
 CREATE FUNCTION rabbit_archive.ensure_partitions(first_day date, days integer)

@@ -324,3 +324,20 @@ def exchange_states(
             states.append(ExchangeState(bound.exchange, bound.type, "bound", bound.mode))
     states.extend(ExchangeState(s.exchange, s.type, "skipped", s.reason) for s in plan.skipped)
     return sorted(states, key=lambda state: state.exchange)
+
+
+TRACE_EXCHANGE = "amq.rabbitmq.trace"
+# The tracer publishes a copy of each publish with routing key "publish.<exchange>": for the
+# default exchange (name "") that is exactly "publish.", which no other exchange's copy has.
+DEFAULT_EXCHANGE_TRACES = "publish."
+
+
+def with_default_exchange_traces(plan: BindingPlan) -> BindingPlan:
+    """SOURCE=bindings+default: the plan plus the tracer's copies of default-exchange publishes."""
+    trace = BoundExchange(
+        TRACE_EXCHANGE, "topic", "all", (ArchiveBinding.of(TRACE_EXCHANGE, DEFAULT_EXCHANGE_TRACES),)
+    )
+    return BindingPlan(
+        bound=(*plan.bound, trace),
+        skipped=tuple(skipped for skipped in plan.skipped if skipped.exchange != TRACE_EXCHANGE),
+    )

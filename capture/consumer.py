@@ -25,6 +25,7 @@ from archive.errors import (
 )
 from archive.stopping import sleep_unless
 from capture import firehose
+from capture.acks import Acknowledger
 from capture.batching import Batcher, Delivery
 from capture.discovery import BindingKeeper
 from capture.health import Health
@@ -160,11 +161,8 @@ class VhostCapture:
         self._stop = stop
         self._bindings = bindings
         self._url = settings.amqp_url_for(vhost)
-        # Batches committed and acknowledged (with the ack fenced) whose fingerprints can go.
-        self._forget: list[int] = []
+        self._acks = Acknowledger(vhost, store)
         self._ever_connected = False
-        # Acknowledged batches not yet fenced by a basic.qos round trip (see _reply_is_cheap).
-        self._unfenced: list[int] = []
         # Largest body of each of the last few batches: a guess at what may be in flight.
         self._recent_sizes: collections.deque[int] = collections.deque(maxlen=8)
 
@@ -260,6 +258,14 @@ class VhostCapture:
             raise errors.exceptions[0] from None
         except* BROKER_ERRORS as errors:
             raise errors.exceptions[0] from None
+        except* Exception as errors:
+            if not connection.is_closed:
+                raise
+            # aiormq fails the requests still waiting for a reply when the connection drops
+            # with a bare Exception (the close reason it was given): a lost broker all the same.
+            raise BrokerUnavailable(
+                f"connection to vhost {self._vhost!r} lost: {describe(errors.exceptions[0])}"
+            ) from None
         finally:
             self._health.set_consuming(self._vhost, False)
             self._metrics.connected.labels(self._vhost).set(0)
@@ -296,7 +302,9 @@ class VhostCapture:
     async def _consume(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
         settings = self._settings
         batcher = Batcher(settings.batch_size, settings.batch_max_bytes, settings.flush_interval)
-        firehose_source = settings.source == "firehose"
+        # Trace copies arrive with SOURCE=firehose (all publishes) and bindings+default (those
+        # to the default exchange): either way they are turned back into the message.
+        firehose_source = settings.source in ("firehose", "bindings+default")
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -310,9 +318,12 @@ class VhostCapture:
                 traced = firehose.original_message(properties_raw)
                 if traced is not None:
                     # Names as pamqp would have decoded them (see archive.records.name_columns).
-                    exchange = traced[0].decode("utf-8", "surrogateescape")
-                    routing_key = traced[1].decode("utf-8", "surrogateescape")
-                    properties_raw = traced[2]
+                    exchange = traced.exchange.decode("utf-8", "surrogateescape")
+                    routing_key = traced.routing_key.decode("utf-8", "surrogateescape")
+                    properties_raw = traced.properties_raw
+                    if traced.lost is not None:
+                        # The broker's copy lost a property: the copy itself is stored, flagged.
+                        self._metrics.trace_properties_lost.labels(self._vhost).inc()
             # Basic.Deliver always carries a tag.
             batcher.add(
                 Delivery(
@@ -343,6 +354,8 @@ class VhostCapture:
 
         channel.closing.add_done_callback(lambda _: wake.set())
         channel.on_consumer_cancel_callbacks.add(on_cancel)
+        # Before the first delivery: batches left unfenced by an earlier channel stay in doubt.
+        self._acks.start_session()
         try:
             consume_ok = await frames.consume(
                 cast(aiormq.Channel, channel), settings.queue, on_message, consumer_tag="rabbit-archive"
@@ -354,6 +367,7 @@ class VhostCapture:
             ) from None
         self._health.set_consuming(self._vhost, True)
         self._metrics.connected.labels(self._vhost).set(1)
+        acks = _ChannelAcks(channel, settings.prefetch)
         idle_since = loop.time()
         while not self._stop.is_set():
             if channel.is_closed:
@@ -370,19 +384,24 @@ class VhostCapture:
             wake.clear()
             now = loop.time()
             if batcher.due(now):
-                await self._flush(channel, batcher, gate)
+                await self._flush(channel, acks, batcher, gate)
                 if batcher.bytes < settings.buffer_max_bytes:
                     gate.resume()
                 idle_since = now
-            elif (self._forget or self._unfenced) and now - idle_since > settings.flush_interval:
+            elif self._acks.has_unsettled and now - idle_since > settings.flush_interval:
                 # Idle: little can be in flight, so the fence's reply comes at once.
-                await self._fence(channel, gate)
+                await self._fence(acks, gate)
                 await self._forget_fenced()
                 self._recent_sizes.clear()
-        await self._drain(channel, consume_ok.consumer_tag or "", batcher, gate)
+        await self._drain(channel, acks, consume_ok.consumer_tag or "", batcher, gate)
 
     async def _drain(
-        self, channel: aiormq.abc.AbstractChannel, consumer_tag: str, batcher: Batcher, gate: ReadGate
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        acks: "_ChannelAcks",
+        consumer_tag: str,
+        batcher: Batcher,
+        gate: ReadGate,
     ) -> None:
         """Stop consuming, then write and acknowledge everything already delivered."""
         if channel.is_closed:
@@ -391,7 +410,7 @@ class VhostCapture:
             # A CancelOk would sit behind everything the broker already pushed: store what
             # is held and leave the rest to the broker, which requeues it when we close.
             while len(batcher):
-                await self._flush(channel, batcher, gate)
+                await self._flush(channel, acks, batcher, gate)
             log.info("drained", extra={"vhost": self._vhost, "reading_paused": True})
             return
         with gate.held_open():
@@ -400,14 +419,15 @@ class VhostCapture:
         for _ in range(3):
             await asyncio.sleep(0)
         while len(batcher):
-            await self._flush(channel, batcher, gate)
-        if self._unfenced:
-            await self._fence(channel, gate)
-        if self._forget:
-            await self._forget_fenced()
+            await self._flush(channel, acks, batcher, gate)
+        if self._acks.has_unfenced:
+            await self._fence(acks, gate)
+        await self._forget_fenced()
         log.info("drained", extra={"vhost": self._vhost})
 
-    async def _flush(self, channel: aiormq.abc.AbstractChannel, batcher: Batcher, gate: ReadGate) -> None:
+    async def _flush(
+        self, channel: aiormq.abc.AbstractChannel, acks: "_ChannelAcks", batcher: Batcher, gate: ReadGate
+    ) -> None:
         batch = batcher.take()
         batch_id = random.getrandbits(63)
         started = time.perf_counter()
@@ -416,11 +436,10 @@ class VhostCapture:
         elapsed = time.perf_counter() - started
         # Acknowledge only now that the rows are committed: a crash before this line means
         # redelivery, recognised by the pending fingerprints.
-        await channel.basic_ack(batch[-1].delivery_tag, multiple=True)
-        self._unfenced.append(batch_id)
+        await self._acks.acknowledge(acks, batch_id, batch[-1].delivery_tag)
         self._recent_sizes.append(max(len(item.body) for item in batch))
         if self._reply_is_cheap(gate):
-            await self._fence(channel, gate)
+            await self._fence(acks, gate)
         metrics = self._metrics
         for exchange, count in result.stored_by_exchange.items():
             metrics.messages_stored.labels(self._vhost, exchange).inc(count)
@@ -448,12 +467,7 @@ class VhostCapture:
         retry = False
         while True:
             try:
-                forget, self._forget = self._forget, []
-                try:
-                    return await self._store.write_batch(self._vhost, batch, batch_id, forget, retry=retry)
-                except BaseException:
-                    self._forget = forget + self._forget
-                    raise
+                return await self._acks.store(batch, batch_id, retry=retry)
             except DatabaseUnavailable as error:
                 self._health.set_database_ok(False)
                 self._metrics.errors.labels("database").inc()
@@ -479,16 +493,40 @@ class VhostCapture:
         largest = max(self._recent_sizes, default=0)
         return not gate.paused and settings.prefetch * largest <= settings.buffer_max_bytes
 
-    async def _fence(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
-        """basic.qos is answered only after the broker processed the acks sent before it: from
-        then on those messages cannot come back, and their fingerprints can go."""
+    async def _fence(self, acks: "_ChannelAcks", gate: ReadGate) -> None:
+        """basic.qos is answered only after the broker processed the acks sent before it."""
         with gate.held_open():
-            await channel.basic_qos(prefetch_count=self._settings.prefetch)
-        self._forget, self._unfenced = self._forget + self._unfenced, []
+            await self._acks.fence(acks)
 
     async def _forget_fenced(self) -> None:
-        forget, self._forget = self._forget, []
+        with contextlib.suppress(DatabaseUnavailable):
+            # Kept and deleted with a later batch's transaction.
+            await self._acks.forget_fenced()
+
+
+class _ChannelAcks:
+    """capture.acks.AckChannel on an aiormq channel."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, prefetch: int) -> None:
+        self._channel = channel
+        self._prefetch = prefetch
+
+    async def ack(self, delivery_tag: int) -> None:
+        """basic.ack multiple=True."""
         try:
-            await self._store.forget_pending(forget)
-        except DatabaseUnavailable:
-            self._forget = forget + self._forget
+            await self._channel.basic_ack(delivery_tag, multiple=True)
+        except Exception as error:
+            raise self._lost(error) from None
+
+    async def fence(self) -> None:
+        """basic.qos with the same prefetch: a round trip that changes nothing."""
+        try:
+            await self._channel.basic_qos(prefetch_count=self._prefetch)
+        except Exception as error:
+            raise self._lost(error) from None
+
+    def _lost(self, error: Exception) -> Exception:
+        # aiormq fails a request pending when the connection drops with a bare Exception.
+        if isinstance(error, BROKER_ERRORS) or not self._channel.is_closed:
+            return error
+        return BrokerUnavailable(f"channel lost while waiting for the broker: {describe(error)}")

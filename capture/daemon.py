@@ -132,10 +132,11 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
             await check_management_access(api, vhosts, isolated=isolated)
             health.vhosts = vhosts
             keeper = BindingKeeper(settings, api, metrics, pool)
-            async with _tracing(api, vhosts, settings.source == "firehose"), asyncio.TaskGroup() as group:
+            tracing = settings.source in ("firehose", "bindings+default")
+            async with _tracing(api, vhosts, tracing), asyncio.TaskGroup() as group:
                 group.create_task(_heartbeat(health, stop), name="heartbeat")
                 group.create_task(_maintain_partitions(store, settings, stop), name="partitions")
-                if settings.source == "bindings":
+                if settings.source != "firehose":
                     group.create_task(
                         watch_topology_events(settings, settings.event_vhost, keeper.nudge, stop),
                         name="topology-events",

@@ -21,6 +21,7 @@ from capture.binding_plan import (
     exchange_states,
     plan_bindings,
     reconcile,
+    with_default_exchange_traces,
 )
 from capture.binding_states import save_binding_states
 from capture.management import ManagementApi
@@ -103,6 +104,8 @@ class BindingKeeper:
             mode=settings.binding_mode,
             policies=policies,
         )
+        if settings.source == "bindings+default":
+            plan = with_default_exchange_traces(plan)
         return plan, current_archive_bindings(bindings, settings.queue)
 
     async def keep(self, connection: aiormq.abc.AbstractConnection, vhost: str, stop: asyncio.Event) -> None:

@@ -93,6 +93,13 @@ class CaptureMetrics:
             ["vhost"],
             registry=self.registry,
         )
+        self.trace_properties_lost = Counter(
+            "rabbit_archive_trace_properties_lost",
+            "SOURCE=firehose: trace copies stored as they came, flagged with x-rabbit-archive-trace-lost, "
+            "because the broker's copy does not hold a property exactly (a timestamp, as 32 bits).",
+            ["vhost"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "rabbit_archive_errors",
             "Failures by kind (broker, database, discovery); each is retried.",

@@ -13,13 +13,14 @@ import asyncpg
 from archive import queries
 from archive.db import DATABASE_ERRORS, Connection, database_error
 from archive.errors import describe
-from archive.records import MESSAGE_COLUMNS, clean_properties, fingerprint, message_row
+from archive.records import DELIVERY_COUNT_HEADER, MESSAGE_COLUMNS, clean_properties, fingerprint, message_row
 from capture.batching import Delivery
+from capture.binding_states import storable_text
 
 log = logging.getLogger("rabbit_archive.capture.store")
 
 PARTITION_LOCK_ID = 0x7261626269740002
-_PENDING_COLUMNS = ("fingerprint", "batch_id")
+_PENDING_COLUMNS = ("fingerprint", "batch_id", "session_id", "vhost")
 _EXCHANGE = MESSAGE_COLUMNS.index("exchange")
 
 
@@ -54,11 +55,36 @@ class ArchiveStore(Protocol):
         forget: Sequence[int],
         *,
         retry: bool = False,
+        session_id: int = 0,
+        forget_other_sessions: bool = False,
     ) -> WriteResult:
-        """Store the deliveries in one transaction (dropping recognised redeliveries)."""
+        """Store the deliveries in one transaction (dropping recognised redeliveries).
+
+        The fingerprints of `forget` batches are deleted first; with `forget_other_sessions`
+        those of the vhost's other broker sessions are deleted after the batch is matched.
+        """
 
     async def forget_pending(self, batch_ids: Sequence[int]) -> None:
         """Drop the redelivery fingerprints of batches whose acknowledgement was processed."""
+
+
+def identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> tuple[bytes, bytes]:
+    """The property bytes to store and the fingerprint that recognises the message's redelivery.
+
+    A quorum queue replaces a producer's own x-delivery-count with its counter on redelivery:
+    the fingerprint leaves that header out of every copy so the first and the redelivered one
+    match; only a redelivered copy is stored without it (its value there is the queue's, the
+    producer's is gone).
+    """
+    properties_raw = delivery.properties_raw
+    identity = properties_raw
+    if strip_delivery_count and DELIVERY_COUNT_HEADER in properties_raw:
+        identity = clean_properties(properties_raw)
+        if delivery.redelivered:
+            properties_raw = identity
+    return properties_raw, fingerprint(
+        vhost, delivery.exchange, delivery.routing_key, identity, delivery.body
+    )
 
 
 @dataclass(slots=True)
@@ -90,14 +116,8 @@ class PostgresStore:
         self._strip_delivery_count = strip_delivery_count
 
     def _prepare(self, vhost: str, delivery: Delivery) -> _Prepared:
-        properties_raw = delivery.properties_raw
-        if delivery.redelivered and self._strip_delivery_count:
-            properties_raw = clean_properties(properties_raw)
-        return _Prepared(
-            delivery,
-            properties_raw,
-            fingerprint(vhost, delivery.exchange, delivery.routing_key, properties_raw, delivery.body),
-        )
+        properties_raw, digest = identify(vhost, delivery, strip_delivery_count=self._strip_delivery_count)
+        return _Prepared(delivery, properties_raw, digest)
 
     async def write_batch(
         self,
@@ -107,6 +127,8 @@ class PostgresStore:
         forget: Sequence[int],
         *,
         retry: bool = False,
+        session_id: int = 0,
+        forget_other_sessions: bool = False,
     ) -> WriteResult:
         """Store the deliveries in one transaction (dropping recognised redeliveries).
 
@@ -114,6 +136,7 @@ class PostgresStore:
         written again.
         """
         prepared = [self._prepare(vhost, delivery) for delivery in deliveries]
+        owner = _Owner(batch_id, session_id, storable_text(vhost))
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 # Fingerprints of acknowledged batches go first, so they can never be
@@ -122,41 +145,46 @@ class PostgresStore:
                     await connection.execute(queries.FORGET_PENDING, list(forget))
                 if retry and await connection.fetchval(queries.BATCH_COMMITTED, batch_id):
                     return WriteResult(already_committed=True)
-                return await self._write_part(connection, vhost, prepared, batch_id)
+                result = await self._write_part(connection, vhost, prepared, owner)
+                if forget_other_sessions:
+                    await connection.execute(queries.FORGET_OTHER_SESSIONS, owner.vhost, session_id)
+                return result
         except DATABASE_ERRORS as error:
             # Data errors of single rows were dealt with by _write_part: what is left is the
             # database's state, and the batch stays unacknowledged until it can be committed.
             raise database_error(error, "writing a batch") from error
 
     async def _write_part(
-        self, connection: Connection, vhost: str, prepared: list[_Prepared], batch_id: int
+        self, connection: Connection, vhost: str, prepared: list[_Prepared], owner: "_Owner"
     ) -> WriteResult:
         """Write a part inside a savepoint; a part the data makes fail is split until isolated."""
         try:
             async with connection.transaction():
-                return await self._write_in(connection, vhost, prepared, batch_id)
+                return await self._write_in(connection, vhost, prepared, owner)
         except asyncpg.PostgresError as error:
             if not _is_data_error(error):
                 raise
             if len(prepared) == 1:
-                return await self._write_unstorable(connection, vhost, prepared[0], batch_id, error)
+                return await self._write_unstorable(connection, vhost, prepared[0], owner, error)
             log.warning("batch_split", extra={"batch_size": len(prepared), "error": describe(error)})
             middle = len(prepared) // 2
-            result = await self._write_part(connection, vhost, prepared[:middle], batch_id)
-            result.merge(await self._write_part(connection, vhost, prepared[middle:], batch_id))
+            result = await self._write_part(connection, vhost, prepared[:middle], owner)
+            result.merge(await self._write_part(connection, vhost, prepared[middle:], owner))
             return result
 
     async def _write_in(
-        self, connection: Connection, vhost: str, prepared: list[_Prepared], batch_id: int
+        self, connection: Connection, vhost: str, prepared: list[_Prepared], owner: "_Owner"
     ) -> WriteResult:
         result = WriteResult()
         already_stored: Counter[bytes] = Counter()
         redelivered = [item.fingerprint for item in prepared if item.delivery.redelivered]
         if redelivered:
-            claimed = await connection.fetch(queries.CLAIM_PENDING, redelivered)
+            claimed = await connection.fetch(
+                queries.CLAIM_PENDING, redelivered, owner.batch_id, owner.session_id
+            )
             already_stored.update(row[0] for row in claimed)
         records: list[tuple[Any, ...]] = []
-        pending: list[tuple[bytes, int]] = []
+        pending: list[tuple[bytes, int, int, str]] = []
         for item in prepared:
             delivery = item.delivery
             if delivery.redelivered and already_stored[item.fingerprint]:
@@ -172,7 +200,7 @@ class PostgresStore:
                 delivery.body,
             )
             records.append(record)
-            pending.append((item.fingerprint, batch_id))
+            pending.append(owner.row(item.fingerprint))
             result.stored += 1
             # Keyed by the stored text of the name: always printable, safe as a metric label.
             result.stored_by_exchange[record[_EXCHANGE]] += 1
@@ -185,7 +213,7 @@ class PostgresStore:
         connection: Connection,
         vhost: str,
         item: _Prepared,
-        batch_id: int,
+        owner: "_Owner",
         error: BaseException,
     ) -> WriteResult:
         """Store one message whose views PostgreSQL refused: raw bytes kept, views replaced."""
@@ -204,7 +232,7 @@ class PostgresStore:
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
         log.error("message_unstorable", extra={"exchange": row[_EXCHANGE], "error": reason})
-        await _copy(connection, [tuple(row)], [(item.fingerprint, batch_id)])
+        await _copy(connection, [tuple(row)], [owner.row(item.fingerprint)])
         stored_exchange = row[_EXCHANGE]
         return WriteResult(
             stored=1,
@@ -236,8 +264,20 @@ class PostgresStore:
             raise database_error(error, "creating partitions") from error
 
 
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    """The batch, broker session and vhost (as stored) that the fingerprint rows belong to."""
+
+    batch_id: int
+    session_id: int
+    vhost: str
+
+    def row(self, fingerprint: bytes) -> tuple[bytes, int, int, str]:
+        return (fingerprint, self.batch_id, self.session_id, self.vhost)
+
+
 async def _copy(
-    connection: Connection, records: list[tuple[Any, ...]], pending: list[tuple[bytes, int]]
+    connection: Connection, records: list[tuple[Any, ...]], pending: list[tuple[bytes, int, int, str]]
 ) -> None:
     """The rows of a batch and their redelivery fingerprints."""
     if records:

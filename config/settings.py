@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     include: CommaList = ("*",)
     exclude: CommaList = ()
     binding_mode: Literal["all", "mirror"] = "all"
-    source: Literal["bindings", "firehose"] = "bindings"
+    source: Literal["bindings", "bindings+default", "firehose"] = "bindings"
     discovery_interval: float = Field(default=5.0, gt=0)
     # Where the rabbitmq_event_exchange plugin publishes (its `vhost` setting, "/" by default).
     event_vhost: str = "/"
@@ -158,6 +158,14 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("queue", mode="after")
+    @classmethod
+    def _queue_fits_amqp(cls, value: str) -> str:
+        # AMQP names are short strings: 255 bytes, and the ".dropped" queue needs 8 more.
+        if len(value.encode("utf-8", "surrogateescape")) > 255 - len(".dropped"):
+            raise ValueError("must be at most 247 bytes in UTF-8 (AMQP names hold 255, '.dropped' is added)")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

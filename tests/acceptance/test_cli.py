@@ -105,6 +105,56 @@ def test_firehose_source_captures_the_default_exchange_and_restores_tracing(
     assert not tracing()
 
 
+def test_bindings_plus_default_captures_default_exchange_publishes_once_beside_bound_exchanges(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    database_url: str,
+    management: Any,
+    vhost: str,
+) -> None:
+    """Task frameworks publish through the default exchange: only the tracer sees those."""
+
+    def tracing() -> bool:
+        return bool(management.get(f"/api/vhosts/{vhost}").json().get("tracing"))
+
+    pika_channel.exchange_declare("orders", "topic")
+    pika_channel.queue_declare("orders-consumer")
+    pika_channel.queue_bind("orders-consumer", "orders", "#")
+    pika_channel.queue_declare("celery")
+    daemon = start_capture(source="bindings+default")
+    wait_for(tracing, 15, what="tracing switched on")
+    daemon.wait_bound("orders")
+    daemon.wait_bound("amq.rabbitmq.trace")
+    for n in range(5):
+        pika_channel.basic_publish(
+            "", "celery", f"task {n}".encode(), pika.BasicProperties(message_id=f"t-{n}")
+        )
+        pika_channel.basic_publish(
+            "orders", "eu.created", f"order {n}".encode(), pika.BasicProperties(message_id=f"o-{n}")
+        )
+    # Consuming makes the tracer publish deliver.<queue> copies: they must not be stored.
+    for queue in ("celery", "orders-consumer"):
+        for _ in range(5):
+            method, _, _ = pika_channel.basic_get(queue, auto_ack=True)
+            assert method is not None
+    wait_for(
+        lambda: run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages")[0][0] >= 10,
+        15,
+        what="ten messages stored",
+    )
+    time.sleep(1)
+    rows = run_sql(
+        database_url,
+        "SELECT exchange, routing_key, message_id FROM rabbit_archive.messages ORDER BY message_id",
+    )
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        *[("orders", "eu.created", f"o-{n}") for n in range(5)],
+        *[("", "celery", f"t-{n}") for n in range(5)],
+    ]
+    assert daemon.stop() == 0
+    assert not tracing()
+
+
 def test_unreachable_database_makes_status_exit_1_in_one_line(capture_env: dict[str, str]) -> None:
     env = {**capture_env, "RABBIT_ARCHIVE_DATABASE_URL": "postgresql://root:pw@127.0.0.1:1/none"}
     result = capture_command(env, "status")

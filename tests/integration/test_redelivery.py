@@ -70,6 +70,17 @@ async def receive(
     return connection, received
 
 
+async def fetch(database_url: str, query: str) -> list[Any]:
+    """Rows of one query, from async test code."""
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        return list(await connection.fetch(query))
+    finally:
+        await connection.close()
+
+
 async def row_count(store: PostgresStore, database_url: str) -> int:
     """Rows in the archive."""
     import asyncpg
@@ -99,7 +110,7 @@ async def test_redelivered_committed_messages_are_not_stored_twice(
     assert not any(delivery.redelivered for delivery in first)
     # Commit all ten and ONE twin, then "crash" before acknowledging anything.
     committed = [d for d in first if d.body != b"twin"] + [next(d for d in first if d.body == b"twin")]
-    result = await store.write_batch(vhost, committed, batch_id=1, forget=())
+    result = await store.write_batch(vhost, committed, batch_id=1, forget=(), session_id=1)
     assert result.stored == 11
     await connection.close()
 
@@ -107,7 +118,7 @@ async def test_redelivered_committed_messages_are_not_stored_twice(
     try:
         assert all(delivery.redelivered for delivery in again)
         assert all(b"x-delivery-count" in delivery.properties_raw for delivery in again)
-        result = await store.write_batch(vhost, again, batch_id=2, forget=())
+        result = await store.write_batch(vhost, again, batch_id=2, forget=(), session_id=2)
     finally:
         await connection.close()
     assert (result.duplicates, result.stored) == (11, 1)
@@ -121,13 +132,13 @@ async def test_fingerprints_of_acknowledged_batches_are_forgotten(
     pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
     pika_channel.basic_publish("", "archive", b"once", pika.BasicProperties(message_id="m"))
     connection, first = await receive(amqp_url, "archive", 1)
-    await store.write_batch(vhost, first, batch_id=7, forget=())
+    await store.write_batch(vhost, first, batch_id=7, forget=(), session_id=1)
     # The ack was fenced: the fingerprint goes, so a later identical message is a new one.
     await store.forget_pending([7])
     await connection.close()
     connection, again = await receive(amqp_url, "archive", 1)
     try:
-        result = await store.write_batch(vhost, again, batch_id=8, forget=())
+        result = await store.write_batch(vhost, again, batch_id=8, forget=(), session_id=2)
     finally:
         await connection.close()
     assert (result.duplicates, result.stored) == (0, 1)
@@ -142,11 +153,11 @@ async def test_an_empty_header_table_redelivered_with_a_delivery_count_is_recogn
     pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
     pika_channel.basic_publish("", "archive", b"e", pika.BasicProperties(message_id="e", headers={}))
     connection, first = await receive(amqp_url, "archive", 1)
-    await store.write_batch(vhost, first, batch_id=1, forget=())
+    await store.write_batch(vhost, first, batch_id=1, forget=(), session_id=1)
     await connection.close()
     connection, again = await receive(amqp_url, "archive", 1)
     try:
-        result = await store.write_batch(vhost, again, batch_id=2, forget=())
+        result = await store.write_batch(vhost, again, batch_id=2, forget=(), session_id=2)
     finally:
         await connection.close()
     assert (result.duplicates, result.stored) == (1, 0)
@@ -162,11 +173,11 @@ async def test_fingerprints_forgotten_in_the_same_transaction_are_not_claimed(
     pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
     pika_channel.basic_publish("", "archive", b"same", pika.BasicProperties(message_id="a"))
     connection, first = await receive(amqp_url, "archive", 1)
-    await store.write_batch(vhost, first, batch_id=1, forget=())
+    await store.write_batch(vhost, first, batch_id=1, forget=(), session_id=1)
     await connection.close()
     connection, again = await receive(amqp_url, "archive", 1)
     try:
-        result = await store.write_batch(vhost, again, batch_id=2, forget=[1])
+        result = await store.write_batch(vhost, again, batch_id=2, forget=[1], session_id=2)
     finally:
         await connection.close()
     assert (result.duplicates, result.stored) == (0, 1)
@@ -181,10 +192,69 @@ async def test_a_retried_batch_that_did_commit_is_not_written_again(
     pika_channel.basic_publish("", "archive", b"once", pika.BasicProperties(message_id="r"))
     connection, first = await receive(amqp_url, "archive", 1)
     try:
-        await store.write_batch(vhost, first, batch_id=5, forget=())
+        await store.write_batch(vhost, first, batch_id=5, forget=(), session_id=1)
         # The COMMIT reply was lost: the daemon retries the same batch.
         result = await store.write_batch(vhost, first, batch_id=5, forget=(), retry=True)
     finally:
         await connection.close()
     assert result.already_committed
     assert await row_count(store, database_url) == 1
+
+
+@pytest.mark.usefixtures("raw_headers")
+async def test_a_producers_own_delivery_count_header_is_kept_and_its_redelivery_recognised(
+    store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str
+) -> None:
+    """The quorum queue replaces the producer's x-delivery-count when it redelivers (measured)."""
+    pika_channel.queue_declare("archive", durable=True, arguments={"x-queue-type": "quorum"})
+    headers = {"x-delivery-count": 42, "a": 1}
+    pika_channel.basic_publish("", "archive", b"counted", pika.BasicProperties(headers=headers))
+    connection, first = await receive(amqp_url, "archive", 1)
+    await store.write_batch("v", first, batch_id=1, forget=(), session_id=1)
+    await connection.close()
+    connection, again = await receive(amqp_url, "archive", 1)
+    try:
+        assert again[0].redelivered
+        assert again[0].properties_raw != first[0].properties_raw  # the broker changed the header
+        result = await store.write_batch("v", again, batch_id=2, forget=(), session_id=2)
+    finally:
+        await connection.close()
+    assert (result.stored, result.duplicates) == (0, 1)
+    rows = await fetch(database_url, "SELECT properties_raw, headers FROM rabbit_archive.messages")
+    assert [bytes(row[0]) for row in rows] == [first[0].properties_raw]
+
+
+async def test_a_recognised_redelivery_whose_ack_is_lost_is_recognised_again(
+    store: PostgresStore, database_url: str
+) -> None:
+    """The matched fingerprint moves to the batch that matched it instead of going away."""
+    message = Delivery(1, False, "orders", "k", b"\x00\x00", b"once")
+    await store.write_batch("v", [message], batch_id=1, forget=(), session_id=1)
+    redelivered = Delivery(9, True, "orders", "k", b"\x00\x00", b"once")
+    for session in (2, 3, 4):  # each time the connection drops before the ack is processed
+        result = await store.write_batch("v", [redelivered], batch_id=session, forget=(), session_id=session)
+        assert (result.stored, result.duplicates) == (0, 1)
+    # And a retry after a lost COMMIT reply of such a batch sees that it committed.
+    retried = await store.write_batch("v", [redelivered], batch_id=4, forget=(), session_id=4, retry=True)
+    assert retried.already_committed
+    assert (await fetch(database_url, "SELECT count(*) FROM rabbit_archive.messages"))[0][0] == 1
+
+
+async def test_fingerprints_of_earlier_sessions_go_when_a_later_one_reads_past_them(
+    store: PostgresStore, database_url: str
+) -> None:
+    same = Delivery(1, False, "orders", "k", b"\x00\x00", b"same")
+    await store.write_batch("v", [same], batch_id=1, forget=(), session_id=1)
+    await store.write_batch("other-vhost", [same], batch_id=2, forget=(), session_id=1)
+    fresh = Delivery(1, False, "orders", "k", b"\x00\x00", b"fresh")
+    await store.write_batch("v", [fresh], batch_id=3, forget=(), session_id=2, forget_other_sessions=True)
+    left = await fetch(
+        database_url, "SELECT vhost, session_id FROM rabbit_archive.capture_pending ORDER BY 1"
+    )
+    # The other vhost's session is not this vhost's to judge.
+    assert [(row[0], row[1]) for row in left] == [("other-vhost", 1), ("v", 2)]
+    # A new byte-identical message that arrives redelivered is stored, not taken for a duplicate.
+    result = await store.write_batch(
+        "v", [Delivery(5, True, "orders", "k", b"\x00\x00", b"same")], batch_id=4, forget=(), session_id=3
+    )
+    assert (result.stored, result.duplicates) == (1, 0)

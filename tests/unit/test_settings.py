@@ -508,3 +508,11 @@ def test_allow_plaintext_management_password_defaults_to_false(monkeypatch: pyte
     assert config_error(monkeypatch, ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD="maybe").startswith(
         "RABBIT_ARCHIVE_ALLOW_PLAINTEXT_MANAGEMENT_PASSWORD:"
     )
+
+
+def test_a_queue_name_longer_than_amqp_allows_in_bytes_is_refused() -> None:
+    from config.settings import Settings
+
+    assert Settings(_env_file=None, queue="ж" * 123).queue == "ж" * 123  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="247 bytes"):
+        Settings(_env_file=None, queue="ж" * 124)  # type: ignore[call-arg]
