@@ -14,11 +14,13 @@ import asyncio
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 import aiormq.abc
 from pamqp import base, commands, header
 
+from archive import content_header
 from archive.amqp_codec import CodecError, FieldValue, Table, encode_table
 
 _SHORT = struct.Struct(">H")
@@ -334,7 +336,8 @@ def connection_open(vhost: str) -> base.Frame:
 
 
 class Connection(aiormq.Connection):
-    """aiormq's connection, opening the vhost it is given by name with a connection.open built here.
+    """aiormq's connection, opening the vhost it is given by name with a connection.open built here,
+    and reading frames with archive.content_header (raw property bytes, names of any bytes).
 
     aiormq parses the vhost from the URL path and builds connection.open through pamqp, which
     refuses long names; the name given here is sent as is.
@@ -354,6 +357,12 @@ class Connection(aiormq.Connection):
         # aiormq assigns the vhost it parsed from the URL; the name given explicitly wins.
         pass
 
+    async def _Connection__reader(self, frame_receiver: Any) -> None:
+        # After the handshake every frame of this connection is decoded the archive's way
+        # (archive.content_header): raw property bytes, names that need not be UTF-8.
+        reader = getattr(super(), "_Connection__reader")  # noqa: B009 - a mangled name
+        await reader(content_header.RawFrames(frame_receiver))
+
     async def _rpc(  # type: ignore[override]
         self,
         request: base.Frame,
@@ -366,8 +375,11 @@ class Connection(aiormq.Connection):
         return await super()._rpc(request, writer, frame_receiver, wait_response)
 
 
-async def connect(url: str, vhost: str, **kwargs: Any) -> aiormq.abc.AbstractConnection:
-    """Open an AMQP connection to the vhost (named explicitly, so any name the broker holds works)."""
+async def connect(url: str, vhost: str | None = None, **kwargs: Any) -> aiormq.abc.AbstractConnection:
+    """Open an AMQP connection to the vhost (named explicitly, so any name the broker holds works;
+    by default the URL's, percent-decoded)."""
+    if vhost is None:
+        vhost = unquote(urlsplit(url).path[1:]) or "/"
     connection = Connection(url, vhost=vhost, **kwargs)
     await connection.connect()
     return connection

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from archive import content_header
 from archive.db import DATABASE_ERRORS, create_pool, database_error
 from archive.errors import (
     ArchiveError,
@@ -190,7 +189,6 @@ async def _outcome(main: "asyncio.Task[None]") -> None:
 
 async def run_daemon(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT; raise ArchiveError for what the operator must fix."""
-    content_header.install()
     stop = asyncio.Event()
     health = Health()
     metrics = CaptureMetrics()

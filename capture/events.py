@@ -15,7 +15,7 @@ from collections.abc import Callable
 import aiormq
 import aiormq.abc
 
-from archive import content_header
+from archive import content_header, frames
 from archive.amqp_codec import CodecError, decode_properties
 from archive.stopping import sleep_unless
 from config.settings import Settings, mask_url
@@ -57,7 +57,7 @@ async def watch_topology_events(
         connection: aiormq.abc.AbstractConnection | None = None
         try:
             connection = await asyncio.wait_for(
-                aiormq.connect(url, client_properties={"connection_name": "rabbit-capture events"}), 15
+                frames.connect(url, vhost, client_properties={"connection_name": "rabbit-capture events"}), 15
             )
             channel = await connection.channel()
             declared = await channel.queue_declare("", exclusive=True, auto_delete=True)

@@ -56,9 +56,8 @@ class Publisher:
 
     async def connect(self) -> None:
         """Open the connection and the confirm channel."""
-        # Returned messages come back with the same headers a replay sent; the raw decoder
-        # keeps pamqp from failing on header types it cannot represent.
-        content_header.install()
+        # Returned messages come back with the same headers a replay sent: this connection
+        # reads them raw (archive.content_header), so no header type can break it.
         try:
             self._connection = await frames.connect(self._url, self._vhost)
             self._channel = cast(aiormq.Channel, await self._connection.channel(publisher_confirms=True))

@@ -12,7 +12,7 @@ import aiormq
 import pika
 import pytest
 
-from archive import content_header
+from archive import content_header, frames
 from archive.amqp_codec import Properties, Table, decode_properties, encode_properties, encode_table
 from tests.acceptance.test_replay import json_lines, ok, replay_command
 from tests.conftest import run_sql
@@ -96,10 +96,10 @@ async def receive_raw(
     amqp_url: str, queue: str, count: int, wait_seconds: float = 60
 ) -> list[tuple[bytes, bytes]]:
     """(property bytes, body) of `count` messages as a consumer receives them, bytes untouched."""
-    content_header.install()
     received: list[tuple[bytes, bytes]] = []
     done = asyncio.Event()
-    connection = await aiormq.connect(amqp_url)
+    # The archive's own connection class reads property bytes untouched.
+    connection = await frames.connect(amqp_url)
     try:
         channel = await connection.channel()
 
@@ -114,7 +114,6 @@ async def receive_raw(
             await done.wait()
     finally:
         await connection.close()
-        content_header.uninstall()
     return received
 
 

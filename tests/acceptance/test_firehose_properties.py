@@ -8,11 +8,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-import aiormq
 import pika
 import pytest
 
-from archive import content_header
+from archive import content_header, frames
 from archive.amqp_codec import FieldValue, Properties, decode_properties, encode_properties
 from capture.firehose import LOST_HEADER, TRACE_EXCHANGE
 from tests.acceptance.test_replay import ok, replay_command
@@ -29,36 +28,30 @@ MILLISECONDS = 1_700_000_000_000
 
 async def trace_tables(amqp_url: str, sent: list[Properties]) -> list[dict[bytes, FieldValue]]:
     """Publish raw property bytes to the default exchange; the `properties` table of each trace copy."""
-    content_header.install()
+    connection = await frames.connect(amqp_url)
     try:
-        connection = await aiormq.connect(amqp_url)
-        try:
-            channel = await connection.channel(publisher_confirms=True)
-            await channel.queue_declare("trace-sink", exclusive=True)
-            await channel.queue_bind("trace-sink", TRACE_EXCHANGE, "publish.#")
-            for index, props in enumerate(sent):
-                raw = encode_properties(props)
-                await channel.basic_publish(
-                    b"x",
-                    routing_key="nowhere",
-                    properties=WireProperties(raw, f"m-{index}"),  # type: ignore[arg-type]
-                )
-            tables: list[dict[bytes, FieldValue]] = []
-            async with asyncio.timeout(30):
-                while len(tables) < len(sent):
-                    message = await channel.basic_get("trace-sink", no_ack=True)
-                    if message.header is None:  # basic.get-empty
-                        await asyncio.sleep(0.05)
-                        continue
-                    headers = dict(
-                        decode_properties(content_header.raw_properties(message.header)).headers or []
-                    )
-                    tables.append(dict(headers[b"properties"][1]))
-            return tables
-        finally:
-            await connection.close()
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.queue_declare("trace-sink", exclusive=True)
+        await channel.queue_bind("trace-sink", TRACE_EXCHANGE, "publish.#")
+        for index, props in enumerate(sent):
+            raw = encode_properties(props)
+            await channel.basic_publish(
+                b"x",
+                routing_key="nowhere",
+                properties=WireProperties(raw, f"m-{index}"),  # type: ignore[arg-type]
+            )
+        tables: list[dict[bytes, FieldValue]] = []
+        async with asyncio.timeout(30):
+            while len(tables) < len(sent):
+                message = await channel.basic_get("trace-sink", no_ack=True)
+                if message.header is None:  # basic.get-empty
+                    await asyncio.sleep(0.05)
+                    continue
+                headers = dict(decode_properties(content_header.raw_properties(message.header)).headers or [])
+                tables.append(dict(headers[b"properties"][1]))
+        return tables
     finally:
-        content_header.uninstall()
+        await connection.close()
 
 
 def test_rabbitmq_writes_integer_properties_into_the_trace_as_their_low_32_bits_signed(

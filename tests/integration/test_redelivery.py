@@ -9,7 +9,7 @@ import aiormq.abc
 import pika
 import pytest
 
-from archive import content_header
+from archive import content_header, frames
 from archive.db import create_pool
 from archive.migrate import apply_migrations
 from capture.batching import Delivery
@@ -30,21 +30,11 @@ async def store(database_url: str) -> AsyncIterator[PostgresStore]:
         await pool.close()
 
 
-@pytest.fixture
-def raw_headers() -> Any:
-    """Keep raw content-header bytes in this process, as the daemon does, for this test only."""
-    content_header.install()
-    try:
-        yield
-    finally:
-        content_header.uninstall()
-
-
 async def receive(
     amqp_url: str, queue: str, count: int
 ) -> tuple[aiormq.abc.AbstractConnection, list[Delivery]]:
     """Consume `count` messages without acknowledging them; returns the open connection too."""
-    connection = await aiormq.connect(amqp_url)
+    connection = await frames.connect(amqp_url)  # reads property bytes as the daemon does
     channel = await connection.channel()
     await channel.basic_qos(prefetch_count=count)
     received: list[Delivery] = []
@@ -92,7 +82,6 @@ async def row_count(store: PostgresStore, database_url: str) -> int:
         await connection.close()
 
 
-@pytest.mark.usefixtures("raw_headers")
 async def test_redelivered_committed_messages_are_not_stored_twice(
     store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
 ) -> None:
@@ -125,7 +114,6 @@ async def test_redelivered_committed_messages_are_not_stored_twice(
     assert await row_count(store, database_url) == 12
 
 
-@pytest.mark.usefixtures("raw_headers")
 async def test_fingerprints_of_acknowledged_batches_are_forgotten(
     store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
 ) -> None:
@@ -145,7 +133,6 @@ async def test_fingerprints_of_acknowledged_batches_are_forgotten(
     assert await row_count(store, database_url) == 2
 
 
-@pytest.mark.usefixtures("raw_headers")
 async def test_an_empty_header_table_redelivered_with_a_delivery_count_is_recognised(
     store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
 ) -> None:
@@ -164,7 +151,6 @@ async def test_an_empty_header_table_redelivered_with_a_delivery_count_is_recogn
     assert await row_count(store, database_url) == 1
 
 
-@pytest.mark.usefixtures("raw_headers")
 async def test_fingerprints_forgotten_in_the_same_transaction_are_not_claimed(
     store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
 ) -> None:
@@ -184,7 +170,6 @@ async def test_fingerprints_forgotten_in_the_same_transaction_are_not_claimed(
     assert await row_count(store, database_url) == 2
 
 
-@pytest.mark.usefixtures("raw_headers")
 async def test_a_retried_batch_that_did_commit_is_not_written_again(
     store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str, vhost: str
 ) -> None:
@@ -201,7 +186,6 @@ async def test_a_retried_batch_that_did_commit_is_not_written_again(
     assert await row_count(store, database_url) == 1
 
 
-@pytest.mark.usefixtures("raw_headers")
 async def test_a_producers_own_delivery_count_header_is_kept_and_its_redelivery_recognised(
     store: PostgresStore, pika_channel: Any, amqp_url: str, database_url: str
 ) -> None:

@@ -1,24 +1,14 @@
-"""The capture process keeps raw property bytes and survives names that are not valid UTF-8."""
+"""The archive's connections keep raw property bytes and survive names that are not valid UTF-8,
+without changing how any other client in the process decodes."""
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from pamqp import commands, exceptions, frame, header
 
-from archive import content_header
+from archive import content_header, frames
 from archive.amqp_codec import Properties, decode_properties, encode_properties
 from archive.records import MESSAGE_COLUMNS, message_row
-
-
-@pytest.fixture
-def installed() -> Iterator[None]:
-    """The capture process's decoders, for this test only."""
-    content_header.install()
-    try:
-        yield
-    finally:
-        content_header.uninstall()
 
 
 def deliver_frame(routing_key: bytes) -> bytes:
@@ -31,10 +21,9 @@ def deliver_frame(routing_key: bytes) -> bytes:
     return marshalled[:3] + len(payload).to_bytes(4, "big") + payload + marshalled[-1:]
 
 
-@pytest.mark.usefixtures("installed")
 def test_invalid_utf8_routing_key_is_decoded_and_stored_with_its_bytes() -> None:
     raw_key = b"orders.\xff\xfe\x00end"
-    _, _, deliver = frame.unmarshal(deliver_frame(raw_key))
+    _, _, deliver = content_header.unmarshal(deliver_frame(raw_key))
     assert isinstance(deliver, commands.Basic.Deliver)
     row = dict(
         zip(
@@ -48,13 +37,12 @@ def test_invalid_utf8_routing_key_is_decoded_and_stored_with_its_bytes() -> None
     row["routing_key"].encode("utf-8")  # the text view is valid UTF-8 for the text column
 
 
-def test_without_the_capture_decoders_pamqp_rejects_such_a_frame() -> None:
-    # aiormq turns this into InvalidFrameError and drops the connection: capture would stall.
+def test_pamqp_itself_still_rejects_such_a_frame() -> None:
+    # Nothing global changed: other clients in the process decode as pamqp always did.
     with pytest.raises(exceptions.UnmarshalingException):
         frame.unmarshal(deliver_frame(b"\xff"))
 
 
-@pytest.mark.usefixtures("installed")
 def test_content_header_keeps_the_property_bytes_exactly() -> None:
     props = Properties(
         message_id=b"m-1",
@@ -66,7 +54,7 @@ def test_content_header_keeps_the_property_bytes_exactly() -> None:
     # Replace pamqp's own property encoding with ours (types pamqp cannot produce).
     payload = wire[7:19] + raw
     data = wire[:3] + len(payload).to_bytes(4, "big") + payload + b"\xce"
-    _, _, decoded = frame.unmarshal(data)
+    _, _, decoded = content_header.unmarshal(data)
     assert content_header.raw_properties(decoded) == raw
     assert decoded.body_size == 3
     assert decode_properties(content_header.raw_properties(decoded)) == props
@@ -82,12 +70,34 @@ def test_row_views_are_json_and_raw_is_authoritative() -> None:
     assert row["properties_raw"] == encode_properties(props)
 
 
-@pytest.mark.usefixtures("installed")
 def test_a_routing_key_read_with_surrogate_escapes_is_sent_back_as_the_same_bytes() -> None:
     raw_key = b"bad.\xff\xfe.key\x00x"
     received = raw_key.decode("utf-8", "surrogateescape")
-    publish = commands.Basic.Publish(exchange="orders", routing_key=received)
-    wire = frame.marshal(publish, 1)
+    wire = frame.marshal(frames.basic_publish("orders", received), 1)
     assert bytes([len(raw_key)]) + raw_key in wire
-    # Valid text is encoded exactly as pamqp always did.
     assert b"\x06orders" in wire
+
+
+def test_return_and_get_ok_names_are_kept_too() -> None:
+    returned = commands.Basic.Return(312, "NO_ROUTE", "orders", "PLACEHOLDER")
+    wire = frame.marshal(returned, 1)
+    payload = wire[7:-1].replace(b"\x0bPLACEHOLDER", b"\x02\xff\xfe")
+    _, _, decoded = content_header.unmarshal(wire[:3] + len(payload).to_bytes(4, "big") + payload + b"\xce")
+    assert (decoded.reply_code, decoded.reply_text, decoded.exchange) == (312, "NO_ROUTE", "orders")
+    assert decoded.routing_key.encode("utf-8", "surrogateescape") == b"\xff\xfe"
+    get_ok = frame.marshal(commands.Basic.GetOk(9, True, "e", "k", 4), 1)
+    _, _, decoded = content_header.unmarshal(get_ok)
+    assert (decoded.delivery_tag, decoded.redelivered, decoded.exchange, decoded.routing_key) == (
+        9,
+        True,
+        "e",
+        "k",
+    )
+    assert decoded.message_count == 4
+
+
+def test_other_frames_are_decoded_by_pamqp() -> None:
+    qos_ok = frame.marshal(commands.Basic.QosOk(), 3)
+    _, channel, decoded = content_header.unmarshal(qos_ok)
+    assert channel == 3
+    assert isinstance(decoded, commands.Basic.QosOk)

@@ -25,8 +25,8 @@ from archive.amqp_codec import (
     encode_properties,
     encode_table,
 )
-from archive.content_header import RawProperties
 from archive.errors import BrokerUnavailable, UsageError
+from archive.frames import RawProperties
 from replay.history import Target
 from replay.publisher import Nacked
 from replay.records import from_export_line as read_line
@@ -957,14 +957,12 @@ def test_a_deeply_nested_export_line_is_a_usage_error() -> None:
 
 def test_raw_properties_marshal_to_the_bytes_given() -> None:
     raw = tag(encode_properties(ORIGINAL))
-    properties = RawProperties(raw, "bookkeeping-1")
-    assert properties.marshal() is raw
-    assert properties.message_id == "bookkeeping-1"
+    assert RawProperties(raw).marshal() is raw
 
 
 @pytest.mark.parametrize("raw", [b"\x00\x00", encode_properties(ORIGINAL)])
 def test_a_pamqp_content_header_carries_the_raw_properties(raw: bytes) -> None:
-    frame = header.ContentHeader(properties=RawProperties(raw, "x"), body_size=3)  # type: ignore[arg-type]
+    frame = header.ContentHeader(properties=RawProperties(raw), body_size=3)  # type: ignore[arg-type]
     marshalled = frame.marshal()
     assert marshalled.endswith(raw)
     assert marshalled == struct.pack(">HHQ", 60, 0, 3) + raw
