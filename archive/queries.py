@@ -162,3 +162,70 @@ ORDER BY vhost, exchange
 
 # Whether the binding_state table exists (schema version 3 or later).
 BINDING_STATE_EXISTS = "SELECT to_regclass('rabbit_archive.binding_state') IS NOT NULL"
+
+# --- coverage (what the archive does not hold, over time) ---------------------------------
+
+# Append coverage events: arrays of vhosts, exchanges (NULL for the vhost), events, reasons
+# and message counts (NULL where not counted), one statement.
+RECORD_COVERAGE = """
+INSERT INTO rabbit_archive.coverage_events (vhost, exchange, event, reason, messages)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+"""
+
+# The newest recorded state of each exchange of a vhost (dropped counts are not states).
+LATEST_EXCHANGE_STATES = """
+SELECT DISTINCT ON (exchange) exchange, event, reason
+FROM rabbit_archive.coverage_events
+WHERE vhost = $1 AND exchange IS NOT NULL AND event <> 'dropped'
+ORDER BY exchange, at DESC, id DESC
+"""
+
+# Coverage events that matter for a window: every event inside it plus, per vhost and
+# exchange, the last state before it ($1 from, $2 until).
+COVERAGE_EVENTS = """
+(SELECT DISTINCT ON (vhost, exchange, event IN ('source', 'unavailable', 'available'))
+        vhost, exchange, event, reason, messages, at
+ FROM rabbit_archive.coverage_events
+ WHERE at < $1 AND event <> 'dropped'
+ ORDER BY vhost, exchange, event IN ('source', 'unavailable', 'available'), at DESC, id DESC)
+UNION ALL
+(SELECT vhost, exchange, event, reason, messages, at
+ FROM rabbit_archive.coverage_events
+ WHERE at >= $1 AND at < $2)
+ORDER BY at
+"""
+
+# Coverage history older than the retention cutoff ($1) goes with the messages it describes,
+# except each exchange's and vhost's last state, which still holds after the cutoff.
+PRUNE_COVERAGE = """
+DELETE FROM rabbit_archive.coverage_events AS e
+WHERE e.at < $1
+  AND (e.event = 'dropped' OR EXISTS (
+      SELECT 1 FROM rabbit_archive.coverage_events AS later
+      WHERE later.vhost = e.vhost AND later.exchange IS NOT DISTINCT FROM e.exchange
+        AND later.event <> 'dropped' AND (later.at, later.id) > (e.at, e.id)
+        AND (later.event IN ('source', 'unavailable', 'available'))
+            = (e.event IN ('source', 'unavailable', 'available'))))
+"""
+
+# Whether coverage_events exists (schema version 6 or later).
+COVERAGE_EXISTS = "SELECT to_regclass('rabbit_archive.coverage_events') IS NOT NULL"
+
+# For `status`: messages dropped in the last hour per vhost and exchange, and vhosts whose
+# newest state is 'unavailable' ($1 the vhosts).
+RECENT_LOSSES = """
+SELECT vhost, exchange, 'dropped: QUEUE_MAX_BYTES reached in the last hour' AS reason,
+       sum(messages)::bigint AS messages
+FROM rabbit_archive.coverage_events
+WHERE event = 'dropped' AND at > now() - interval '1 hour' AND vhost = ANY($1::text[])
+GROUP BY vhost, exchange
+UNION ALL
+SELECT vhost, NULL, 'vhost not captured: ' || reason, NULL
+FROM (
+    SELECT DISTINCT ON (vhost) vhost, event, reason
+    FROM rabbit_archive.coverage_events
+    WHERE exchange IS NULL AND event IN ('unavailable', 'available') AND vhost = ANY($1::text[])
+    ORDER BY vhost, at DESC, id DESC
+) AS latest
+WHERE event = 'unavailable'
+"""

@@ -337,7 +337,9 @@ def with_default_exchange_traces(plan: BindingPlan) -> BindingPlan:
     trace = BoundExchange(
         TRACE_EXCHANGE, "topic", "all", (ArchiveBinding.of(TRACE_EXCHANGE, DEFAULT_EXCHANGE_TRACES),)
     )
+    # The default exchange itself is captured through the tracer: no binding of its own.
+    default = BoundExchange("", "direct", "all", ())
     return BindingPlan(
-        bound=(*plan.bound, trace),
-        skipped=tuple(skipped for skipped in plan.skipped if skipped.exchange != TRACE_EXCHANGE),
+        bound=(default, *plan.bound, trace),
+        skipped=tuple(skipped for skipped in plan.skipped if skipped.exchange not in (TRACE_EXCHANGE, "")),
     )

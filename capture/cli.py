@@ -157,6 +157,21 @@ def _print_status(report: dict[str, Any]) -> None:
             ),
         )
     console.print(recent)
+    gaps = Table(title=shown("not captured"))
+    for column in ("vhost", "exchange", "reason", "msg/s (broker)", "messages"):
+        gaps.add_column(column, overflow="fold")
+    for item in report.get("coverage", []):
+        gaps.add_row(
+            shown(item["vhost"]),
+            _exchange_name(item["exchange"]) if item["exchange"] is not None else shown("(whole vhost)"),
+            shown(item["reason"]),
+            shown("" if item["rate"] is None else f"{item['rate']:.1f}"),
+            shown("" if item["messages"] is None else item["messages"]),
+        )
+    if report.get("coverage"):
+        console.print(gaps)
+    else:
+        console.print(shown("not captured: nothing (every exchange of the captured vhosts is bound)"))
     console.print(
         shown(
             f"queue depth {report['queue_depth']}, consumers {report['consumers']}, "

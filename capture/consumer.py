@@ -27,6 +27,7 @@ from archive.stopping import sleep_unless
 from capture import firehose
 from capture.acks import Acknowledger
 from capture.batching import Batcher, Delivery
+from capture.coverage import CoverageEvent
 from capture.discovery import BindingKeeper
 from capture.health import Health
 from capture.metrics import CaptureMetrics
@@ -162,6 +163,7 @@ class VhostCapture:
         self._bindings = bindings
         self._url = settings.amqp_url_for(vhost)
         self._acks = Acknowledger(vhost, store)
+        self._unavailable = False
         self._ever_connected = False
         # Largest body of each of the last few batches: a guess at what may be in flight.
         self._recent_sizes: collections.deque[int] = collections.deque(maxlen=8)
@@ -173,7 +175,6 @@ class VhostCapture:
             started = time.monotonic()
             try:
                 await self._session()
-                self._metrics.vhost_unavailable.labels(self._vhost).set(0)
             except (QueueMismatch, UsageError) as error:
                 if not self._isolated:
                     raise
@@ -181,6 +182,9 @@ class VhostCapture:
                 # arguments: this vhost only, reported and tried again later.
                 self._metrics.errors.labels("vhost").inc()
                 self._metrics.vhost_unavailable.labels(self._vhost).set(1)
+                if not self._unavailable and self._bindings.coverage is not None:
+                    self._bindings.coverage.note(CoverageEvent(self._vhost, None, "unavailable", str(error)))
+                self._unavailable = True
                 log.error(
                     "vhost_unavailable",
                     extra={"vhost": self._vhost, "error": str(error), "retry_seconds": VHOST_RETRY},
@@ -280,6 +284,8 @@ class VhostCapture:
         async def on_dropped(message: aiormq.abc.DeliveredMessage) -> None:
             exchange, routing_key = dropped_from(content_header.raw_properties(message.header))
             self._metrics.dropped_messages.labels(self._vhost, exchange).inc()
+            if self._bindings.coverage is not None:
+                self._bindings.coverage.dropped(self._vhost, exchange)
             log.error(
                 "message_dropped",
                 extra={
@@ -356,6 +362,11 @@ class VhostCapture:
         channel.on_consumer_cancel_callbacks.add(on_cancel)
         # Before the first delivery: batches left unfenced by an earlier channel stay in doubt.
         self._acks.start_session()
+        if self._unavailable:
+            self._unavailable = False
+            self._metrics.vhost_unavailable.labels(self._vhost).set(0)
+            if self._bindings.coverage is not None:
+                self._bindings.coverage.note(CoverageEvent(self._vhost, None, "available"))
         try:
             consume_ok = await frames.consume(
                 cast(aiormq.Channel, channel), settings.queue, on_message, consumer_tag="rabbit-archive"

@@ -16,6 +16,7 @@ from archive.errors import (
 from archive.migrate import apply_migrations
 from archive.stopping import sleep_unless
 from capture.consumer import Backoff, VhostCapture
+from capture.coverage import CoverageEvent, CoverageLog
 from capture.discovery import BindingKeeper
 from capture.events import watch_topology_events
 from capture.health import Health
@@ -29,6 +30,7 @@ from config.settings import Settings, mask_url
 log = logging.getLogger("rabbit_archive.capture")
 
 MAINTENANCE_INTERVAL = 600.0
+COVERAGE_INTERVAL = 5.0
 
 
 async def open_database(
@@ -116,6 +118,16 @@ async def _maintain_partitions(store: PostgresStore, settings: Settings, stop: a
         await sleep_unless(stop, MAINTENANCE_INTERVAL)
 
 
+async def _record_coverage(coverage: CoverageLog, stop: asyncio.Event) -> None:
+    """Write the coverage history every few seconds, and once more on the way out."""
+    try:
+        while not stop.is_set():
+            await coverage.flush()
+            await sleep_unless(stop, COVERAGE_INTERVAL)
+    finally:
+        await coverage.flush()
+
+
 async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metrics: CaptureMetrics) -> None:
     pool = await open_database(settings, stop, health)
     if pool is None:
@@ -130,11 +142,15 @@ async def _capture(settings: Settings, stop: asyncio.Event, health: Health, metr
                 vhosts = tuple(await api.vhosts())
             await check_management_access(api, vhosts, isolated=isolated)
             health.vhosts = vhosts
-            keeper = BindingKeeper(settings, api, metrics, pool)
+            coverage = CoverageLog(pool)
+            for vhost in vhosts:
+                coverage.note(CoverageEvent(vhost, None, "source", settings.source))
+            keeper = BindingKeeper(settings, api, metrics, pool, coverage)
             tracing = settings.source in ("firehose", "bindings+default")
             async with _tracing(api, vhosts, tracing), asyncio.TaskGroup() as group:
                 group.create_task(_heartbeat(health, stop), name="heartbeat")
                 group.create_task(_maintain_partitions(store, settings, stop), name="partitions")
+                group.create_task(_record_coverage(coverage, stop), name="coverage")
                 if settings.source != "firehose":
                     group.create_task(
                         watch_topology_events(settings, settings.event_vhost, keeper.nudge, stop),

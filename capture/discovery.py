@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiormq
@@ -24,6 +25,7 @@ from capture.binding_plan import (
     with_default_exchange_traces,
 )
 from capture.binding_states import save_binding_states
+from capture.coverage import CoverageLog, uncaptured_rates
 from capture.management import ManagementApi
 from capture.metrics import CaptureMetrics
 from config.settings import Settings
@@ -62,6 +64,7 @@ class BindingKeeper:
         api: ManagementApi,
         metrics: CaptureMetrics,
         pool: "asyncpg.Pool[asyncpg.Record] | None" = None,
+        coverage: CoverageLog | None = None,
     ) -> None:
         self._settings = settings
         self._api = api
@@ -79,6 +82,10 @@ class BindingKeeper:
         self.states: dict[str, list[ExchangeState]] = {}
         self._saved_states: dict[str, list[ExchangeState]] = {}
         self._pool = pool
+        self.coverage = coverage
+        # vhost -> the exchanges listed in the last round (with the broker's message rates).
+        self._listed: dict[str, list[dict[str, Any]]] = {}
+        self._uncaptured_labels: dict[str, set[tuple[str, str]]] = {}
         self._user = unquote(urlsplit(settings.amqp_url).username or "guest")
         # Set by topology events (capture.events) to reconcile a vhost before its interval ends.
         self._nudged: dict[str, asyncio.Event] = {}
@@ -94,6 +101,7 @@ class BindingKeeper:
         exchanges, bindings, policies = await asyncio.gather(
             self._api.exchanges(vhost), self._api.bindings(vhost), self._api.policies(vhost)
         )
+        self._listed[vhost] = exchanges
         settings = self._settings
         plan = plan_bindings(
             exchanges,
@@ -195,10 +203,28 @@ class BindingKeeper:
                 log.info("exchange_skipped", extra={"vhost": vhost, "exchange": exchange, "reason": reason})
         self._reported_skips[vhost] = skips
         await self._save_states(vhost, states)
+        await self._report_coverage(vhost, states)
         queue_info = await self._api.queue(vhost, self._settings.queue)
         if queue_info is not None:
             depth = queue_info.get("messages")
             self._metrics.queue_depth.labels(vhost).set(depth if isinstance(depth, int) else 0)
+
+    def listed(self, vhost: str) -> list[dict[str, Any]]:
+        """The exchanges of the vhost as the last round listed them (with the broker's rates)."""
+        return self._listed.get(vhost, [])
+
+    async def _report_coverage(self, vhost: str, states: list[ExchangeState]) -> None:
+        """Coverage history, and the broker's rates of what the archive does not capture."""
+        if self.coverage is not None:
+            await self.coverage.exchange_states(vhost, states)
+        rates = uncaptured_rates(self._listed.get(vhost, []), states)
+        gauge = self._metrics.uncaptured_rate
+        for exchange, reason, rate in rates:
+            gauge.labels(vhost, exchange or "(default)", reason).set(rate)
+        shown = {(exchange or "(default)", reason) for exchange, reason, _ in rates}
+        for old in self._uncaptured_labels.get(vhost, set()) - shown:
+            gauge.remove(vhost, *old)
+        self._uncaptured_labels[vhost] = shown
 
     def _learn_aliases(
         self, vhost: str, listed: frozenset[ArchiveBinding], wanted: frozenset[ArchiveBinding]

@@ -100,6 +100,12 @@ class CaptureMetrics:
             ["vhost"],
             registry=self.registry,
         )
+        self.uncaptured_rate = Gauge(
+            "rabbit_archive_uncaptured_messages_per_second",
+            "Messages per second published to exchanges the archive does not capture (broker's rate).",
+            ["vhost", "exchange", "reason"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "rabbit_archive_errors",
             "Failures by kind (broker, database, discovery); each is retried.",

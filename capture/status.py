@@ -12,7 +12,8 @@ from archive import queries
 from archive.db import DATABASE_ERRORS, create_pool, database_error
 from archive.errors import BrokerUnavailable, describe
 from archive.migrate import schema_version
-from capture.binding_plan import BindingPlan
+from capture.binding_plan import BindingPlan, ExchangeState
+from capture.coverage import uncaptured_rates
 from capture.discovery import BindingKeeper
 from capture.management import ManagementApi, management_client
 from capture.metrics import CaptureMetrics
@@ -104,18 +105,20 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             queue_depth += depth
             consumers += consuming
             consumers_per_vhost[vhost] = consuming
-    database, recorded = await _database_status(settings, list(vhosts))
+    database, recorded, lost = await _database_status(settings, list(vhosts))
     states = [
         item
         for vhost, plan in plans.items()
         for item in exchange_states(vhost, plan, recorded.get(vhost, {}))
     ]
+    coverage = not_captured(settings, keeper, states, lost)
     report: dict[str, Any] = {
         "vhosts": list(vhosts),
         "queue": settings.queue,
         "exchanges": exchanges,
         "skipped": skipped,
         "exchange_states": states,
+        "coverage": coverage,
         "queue_depth": queue_depth,
         "consumers": consumers,
         # Something consumes every archive queue: a daemon is running (one per queue is active).
@@ -123,6 +126,40 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     }
     report.update(database)
     return report
+
+
+def not_captured(
+    settings: Settings,
+    keeper: BindingKeeper,
+    states: list[dict[str, Any]],
+    lost: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """What the archive does not hold now: each item with vhost, exchange (None: the whole
+    vhost), reason, the broker's publish rate where it counts one, and messages where known."""
+    items: list[dict[str, Any]] = []
+    by_vhost: dict[str, list[ExchangeState]] = {}
+    for item in states:
+        by_vhost.setdefault(item["vhost"], []).append(
+            ExchangeState(item["exchange"], item["type"] or "", item["state"], item["reason"])
+        )
+    for vhost, vhost_states in by_vhost.items():
+        for exchange, reason, rate in uncaptured_rates(keeper.listed(vhost), vhost_states):
+            if exchange == "" and settings.source == "bindings":
+                reason = "default exchange: no binding can see it (SOURCE=bindings+default captures it)"
+            items.append(
+                {"vhost": vhost, "exchange": exchange, "reason": reason, "rate": rate, "messages": None}
+            )
+    for row in lost:
+        items.append(
+            {
+                "vhost": row["vhost"],
+                "exchange": row["exchange"],
+                "reason": row["reason"],
+                "rate": None,
+                "messages": row["messages"],
+            }
+        )
+    return items
 
 
 async def _queue_counts(url: str, queue: str) -> tuple[int, int]:
@@ -145,10 +182,12 @@ async def _queue_counts(url: str, queue: str) -> tuple[int, int]:
 
 async def _database_status(
     settings: Settings, vhosts: list[str]
-) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]]]:
-    """The database's part of the report, and the recorded binding states by vhost and exchange."""
+) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """The database's part of the report, the recorded binding states by vhost and exchange, and
+    the messages lost in the last hour and vhosts that could not be captured (coverage history)."""
     pool = await create_pool(settings.database_url, max_size=1)
     recorded: dict[str, dict[str, dict[str, Any]]] = {}
+    lost: list[dict[str, Any]] = []
     try:
         async with pool.acquire() as connection:
             version = await schema_version(connection)
@@ -161,6 +200,10 @@ async def _database_status(
                 if await connection.fetchval(queries.BINDING_STATE_EXISTS):
                     for row in await connection.fetch(queries.BINDING_STATE, vhosts):
                         recorded.setdefault(row["vhost"], {})[row["exchange"]] = dict(row.items())
+                if await connection.fetchval(queries.COVERAGE_EXISTS):
+                    lost = [
+                        dict(row.items()) for row in await connection.fetch(queries.RECENT_LOSSES, vhosts)
+                    ]
     except DATABASE_ERRORS as error:
         raise database_error(error, "reading status") from None
     finally:
@@ -171,4 +214,4 @@ async def _database_status(
         "schema_version": version,
         "stored_by_exchange": recent,
     }
-    return report, recorded
+    return report, recorded, lost

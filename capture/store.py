@@ -302,6 +302,7 @@ async def prune(store_pool: "asyncpg.Pool[asyncpg.Record]", older_than: timedelt
                 statement = await connection.fetchval(queries.DROP_PARTITION, name)
                 await connection.execute(statement)
             await connection.execute(queries.DELETE_OLDER_DEFAULT, cutoff)
+            await connection.execute(queries.PRUNE_COVERAGE, cutoff)
     except DATABASE_ERRORS as error:
         raise database_error(error, "pruning") from error
     return len(names)
