@@ -22,6 +22,7 @@ from pamqp import base, commands, header
 
 from archive import content_header
 from archive.amqp_codec import CodecError, FieldValue, Table, encode_table
+from config.urls import split_hosts
 
 _SHORT = struct.Struct(">H")
 _EMPTY_TABLE = b"\x00\x00\x00\x00"
@@ -375,11 +376,47 @@ class Connection(aiormq.Connection):
         return await super()._rpc(request, writer, frame_receiver, wait_response)
 
 
+# Per URL of a cluster, the host that answered last: reconnecting tries it first, then the
+# next ones at once (a stopped node refuses at once, so moving on costs nothing).
+_last_good: dict[str, int] = {}
+# How long one host may take to answer before the next is tried.
+HOST_TIMEOUT = 5.0
+
+
 async def connect(url: str, vhost: str | None = None, **kwargs: Any) -> aiormq.abc.AbstractConnection:
     """Open an AMQP connection to the vhost (named explicitly, so any name the broker holds works;
-    by default the URL's, percent-decoded)."""
+    by default the URL's, percent-decoded).
+
+    A URL naming several hosts (`amqp://u:p@h1:5672,h2:5672/v`) connects to the first that
+    answers, starting with the one that answered last; the last error is raised when none does.
+    """
     if vhost is None:
         vhost = unquote(urlsplit(url).path[1:]) or "/"
-    connection = Connection(url, vhost=vhost, **kwargs)
-    await connection.connect()
-    return connection
+    candidates = split_hosts(url)
+    if len(candidates) == 1:
+        connection = Connection(url, vhost=vhost, **kwargs)
+        await connection.connect()
+        return connection
+    first = _last_good.get(url, 0)
+    error: BaseException | None = None
+    for offset in range(len(candidates)):
+        index = (first + offset) % len(candidates)
+        connection = Connection(candidates[index], vhost=vhost, **kwargs)
+        try:
+            await asyncio.wait_for(connection.connect(), HOST_TIMEOUT)
+        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as failed:
+            # Wrong credentials or vhost are the same on every node: not a reason to go on.
+            if isinstance(failed, aiormq.exceptions.ProbableAuthenticationError):
+                raise
+            error = failed
+            continue
+        _last_good[url] = index
+        return connection
+    assert error is not None
+    raise error
+
+
+def node_of(connection: aiormq.abc.AbstractConnection) -> str:
+    """`host:port` of the node a connection is open to."""
+    url = getattr(connection, "url", None)
+    return f"{url.host}:{url.port}" if url is not None else "?"

@@ -34,6 +34,7 @@ from capture.metrics import CaptureMetrics
 from capture.read_gate import ReadGate
 from capture.store import ArchiveStore
 from config.settings import Settings, mask_url
+from config.urls import split_hosts
 
 log = logging.getLogger("rabbit_archive.capture")
 
@@ -162,6 +163,7 @@ class VhostCapture:
         self._stop = stop
         self._bindings = bindings
         self._url = settings.amqp_url_for(vhost)
+        self._cluster = len(split_hosts(self._url)) > 1
         self._acks = Acknowledger(vhost, store)
         self._unavailable = False
         self._ever_connected = False
@@ -199,6 +201,10 @@ class VhostCapture:
                 )
             if time.monotonic() - started > 30:
                 backoff.reset()
+            if self._cluster and time.monotonic() - started > 1:
+                # A node of a cluster went away after a working session: another answers at
+                # once (archive.frames.connect moves on), so no backoff before trying them.
+                continue
             if not self._stop.is_set():
                 await sleep_unless(self._stop, backoff.next())
 
@@ -239,7 +245,12 @@ class VhostCapture:
             await channel.basic_qos(prefetch_count=self._settings.prefetch)
             log.info(
                 "consuming",
-                extra={"vhost": self._vhost, "queue": self._settings.queue, "url": mask_url(self._url)},
+                extra={
+                    "vhost": self._vhost,
+                    "queue": self._settings.queue,
+                    "url": mask_url(self._url),
+                    "node": frames.node_of(connection),
+                },
             )
             async with asyncio.TaskGroup() as group:
                 if self._settings.source == "firehose":

@@ -25,6 +25,8 @@ class ManagementClient(httpx.AsyncClient):
     """An httpx client that remembers which user it authenticates as (for error messages)."""
 
     user: str = ""
+    # Every host of a MANAGEMENT_URL that names a cluster (base_url is the one in use).
+    bases: list[str] = []  # noqa: RUF012 - set per instance by management_client
 
 
 def management_client(settings: Settings) -> httpx.AsyncClient:
@@ -37,6 +39,7 @@ def management_client(settings: Settings) -> httpx.AsyncClient:
         verify=verify,
     )
     client.user = settings.management_auth[0]
+    client.bases = settings.management_bases
     return client
 
 
@@ -83,13 +86,7 @@ class ManagementApi:
     async def _get(self, path: str, *, missing_ok: bool = False, vhost: str | None = None) -> Any:
         if self._on_request is not None:
             self._on_request()
-        try:
-            response = await self._client.get(path)
-        except httpx.HTTPError as error:
-            raise BrokerUnavailable(
-                f"management API at {self._client.base_url} unreachable: {error!s}"
-                " (is the rabbitmq_management plugin enabled?)"
-            ) from None
+        response = await self._request("GET", path)
         if response.status_code == 404 and missing_ok:
             return None
         if response.status_code in (401, 403):
@@ -102,6 +99,29 @@ class ManagementApi:
             raise BrokerUnavailable(
                 f"management API answered {path} with something that is not JSON"
             ) from None
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; with several management hosts, the next is tried at once when one fails."""
+        bases = getattr(self._client, "bases", None) or [str(self._client.base_url)]
+        current = str(self._client.base_url).rstrip("/")
+        order = sorted(bases, key=lambda base: base.rstrip("/") != current)
+        error: httpx.HTTPError | None = None
+        for base in order:
+            try:
+                response = await self._client.request(method, base.rstrip("/") + path, **kwargs)
+            except httpx.TransportError as failed:
+                error = failed
+                continue
+            except httpx.HTTPError as failed:
+                error = failed
+                break
+            if base.rstrip("/") != current:
+                self._client.base_url = httpx.URL(base)
+            return response
+        raise BrokerUnavailable(
+            f"management API at {', '.join(order)} unreachable: {error!s}"
+            " (is the rabbitmq_management plugin enabled?)"
+        ) from None
 
     async def _objects(self, path: str, vhost: str | None) -> list[dict[str, Any]]:
         """A listing: a JSON array whose items are objects; odd items are dropped and logged.
@@ -169,12 +189,7 @@ class ManagementApi:
 
     async def set_tracing(self, vhost: str, on: bool) -> None:
         """Turn the firehose tracer on or off for the vhost (needs the 'administrator' tag)."""
-        try:
-            response = await self._client.put(f"/api/vhosts/{_vhost(vhost)}", json={"tracing": on})
-        except httpx.HTTPError as error:
-            raise BrokerUnavailable(
-                f"management API at {self._client.base_url} unreachable: {error!s}"
-            ) from None
+        response = await self._request("PUT", f"/api/vhosts/{_vhost(vhost)}", json={"tracing": on})
         if response.status_code in (401, 403):
             raise AccessRefused(
                 f"the management API refused to switch tracing for vhost {vhost!r}: SOURCE=firehose needs "

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiormq
 
-from archive import queries
+from archive import frames, queries
 from archive.db import DATABASE_ERRORS, create_pool, database_error
 from archive.errors import BrokerUnavailable, describe
 from archive.migrate import schema_version
@@ -76,6 +76,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         consumers = 0
         consumers_per_vhost: dict[str, int] = {}
         plans: dict[str, BindingPlan] = {}
+        amqp_node = None
         for vhost in vhosts:
             plan, current = await keeper.plan(vhost)
             plans[vhost] = plan
@@ -101,7 +102,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                 for s in plan.skipped
             )
             # From the broker itself: the management API's counts lag by its stats interval.
-            depth, consuming = await _queue_counts(settings.amqp_url_for(vhost), settings.queue)
+            depth, consuming, amqp_node = await _queue_counts(settings.amqp_url_for(vhost), settings.queue)
             queue_depth += depth
             consumers += consuming
             consumers_per_vhost[vhost] = consuming
@@ -120,6 +121,8 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         "exchange_states": states,
         "coverage": coverage,
         "queue_depth": queue_depth,
+        # The node (host:port of AMQP_URL) that answered: with several hosts, the one in use.
+        "amqp_node": amqp_node,
         "consumers": consumers,
         # Something consumes every archive queue: a daemon is running (one per queue is active).
         "capturing": bool(consumers_per_vhost) and all(count > 0 for count in consumers_per_vhost.values()),
@@ -162,19 +165,21 @@ def not_captured(
     return items
 
 
-async def _queue_counts(url: str, queue: str) -> tuple[int, int]:
-    """(messages ready, consumers) of the archive queue; (0, 0) when it does not exist."""
+async def _queue_counts(url: str, queue: str) -> tuple[int, int, str]:
+    """(messages ready, consumers) of the archive queue ((0, 0) when it does not exist), and
+    the node (host:port of AMQP_URL) that answered."""
     try:
-        connection = await asyncio.wait_for(aiormq.connect(url), 15)
+        connection = await asyncio.wait_for(frames.connect(url), 30)
     except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
         raise BrokerUnavailable(f"cannot reach RabbitMQ at {mask_url(url)}: {describe(error)}") from None
+    node = frames.node_of(connection)
     try:
         channel = await connection.channel()
         try:
-            declared = await channel.queue_declare(queue, passive=True)
+            declared = await frames.rpc(channel, frames.queue_declare(queue, passive=True))
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0, 0
-        return int(declared.message_count or 0), int(declared.consumer_count or 0)
+            return 0, 0, node
+        return int(declared.message_count or 0), int(declared.consumer_count or 0), node
     finally:
         with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, TimeoutError):
             await asyncio.wait_for(connection.close(), 5)

@@ -17,6 +17,7 @@ from pydantic_settings import (
 )
 
 from config.durations import parse_duration
+from config.urls import join_hosts, split_hosts
 
 ENV_PREFIX = "RABBIT_ARCHIVE_"
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -28,6 +29,13 @@ class ConfigError(Exception):
 
 def mask_url(url: str) -> str:
     """Return the URL with its password replaced by ***, safe to log or print."""
+    hosts = split_hosts(url)
+    if len(hosts) > 1:
+        return join_hosts([_mask_one(host) for host in hosts])
+    return _mask_one(url)
+
+
+def _mask_one(url: str) -> str:
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -50,13 +58,15 @@ _PASSWORD_PARAMETER = re.compile(r"((?:^|&)(?:password|sslpassword)=)[^&]*", re.
 
 
 def _check_url(value: str, schemes: tuple[str, ...], example: str, *, need_host: bool = True) -> str:
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise ValueError(f"must look like {example}") from None
-    if parts.scheme not in schemes or (need_host and not parts.hostname):
-        raise ValueError(f"must look like {example}")
+    # Several hosts (a cluster) are checked one by one.
+    for one in split_hosts(value):
+        try:
+            parts = urlsplit(one)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError(f"must look like {example}") from None
+        if parts.scheme not in schemes or (need_host and not parts.hostname):
+            raise ValueError(f"must look like {example}")
     return value
 
 
@@ -226,7 +236,7 @@ class Settings(BaseSettings):
     @property
     def management_auth(self) -> tuple[str, str]:
         """Management API credentials: those in MANAGEMENT_URL, else those of AMQP_URL."""
-        for url in (self.management_url, self.amqp_url):
+        for url in (split_hosts(self.management_url)[0], split_hosts(self.amqp_url)[0]):
             parts = urlsplit(url)
             if parts.username is not None:
                 return unquote(parts.username), unquote(parts.password or "")
@@ -255,12 +265,22 @@ class Settings(BaseSettings):
 
     @property
     def management_base(self) -> str:
-        """MANAGEMENT_URL without credentials."""
-        parts = urlsplit(self.management_url)
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=host))
+        """MANAGEMENT_URL without credentials (the first host of a cluster)."""
+        return self.management_bases[0]
+
+    @property
+    def management_bases(self) -> list[str]:
+        """MANAGEMENT_URL without credentials, one per host listed."""
+        bases = []
+        for one in split_hosts(self.management_url):
+            parts = urlsplit(one)
+            host = parts.hostname or ""
+            if ":" in host:
+                host = f"[{host}]"
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            bases.append(urlunsplit(parts._replace(netloc=host)))
+        return bases
 
     def amqp_url_for(self, vhost: str) -> str:
         """AMQP_URL pointed at another vhost."""

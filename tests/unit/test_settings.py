@@ -516,3 +516,31 @@ def test_a_queue_name_longer_than_amqp_allows_in_bytes_is_refused() -> None:
     assert Settings(_env_file=None, queue="ж" * 123).queue == "ж" * 123  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="247 bytes"):
         Settings(_env_file=None, queue="ж" * 124)  # type: ignore[call-arg]
+
+
+def test_urls_may_name_several_hosts_as_libpq_urls_do() -> None:
+    from config.settings import Settings, mask_url
+    from config.urls import host_of, join_hosts, split_hosts
+
+    url = "amqp://u:s3cret@h1:5672,h2:5673,[::1]:5674/v%2F1"
+    parts = split_hosts(url)
+    assert parts == [
+        "amqp://u:s3cret@h1:5672/v%2F1",
+        "amqp://u:s3cret@h2:5673/v%2F1",
+        "amqp://u:s3cret@[::1]:5674/v%2F1",
+    ]
+    assert join_hosts(parts) == url
+    assert [host_of(part) for part in parts] == ["h1:5672", "h2:5673", "[::1]:5674"]
+    assert mask_url(url) == "amqp://u:***@h1:5672,h2:5673,[::1]:5674/v%2F1"
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        amqp_url=url,
+        management_url="http://m1:15672,m2:15673",
+        database_url="postgresql://root@db1:5432,db2:5432/archive?target_session_attrs=read-write",
+    )
+    assert settings.amqp_vhost == "v/1"
+    assert settings.management_bases == ["http://m1:15672", "http://m2:15673"]
+    assert settings.management_auth == ("u", "s3cret")
+    assert settings.amqp_url_for("other") == "amqp://u:s3cret@h1:5672,h2:5673,[::1]:5674/other"
+    with pytest.raises(ValueError, match="must look like"):
+        Settings(_env_file=None, amqp_url="amqp://h1:5672,h2:notaport/")  # type: ignore[call-arg]
