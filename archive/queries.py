@@ -129,6 +129,18 @@ SET status = 'running', error = NULL, finished_at = NULL, updated_at = now()
 WHERE id = $1
 """
 
+# The positions a replay's broker nacked or returned, and where a resume continues (the last
+# position answered with every earlier one); separate from the columns above (migration 0005).
+SAVE_REPLAY_FAILURES = """
+UPDATE rabbit_archive.replays
+SET failed_ids = $2::bigint[], settled_cursor = $3, updated_at = now()
+WHERE id = $1
+"""
+
+GET_REPLAY_FAILURES = """
+SELECT id, failed_ids, settled_cursor FROM rabbit_archive.replays WHERE ($1::text IS NULL OR id = $1)
+"""
+
 # --- binding state (what the daemon did with each exchange) ------------------------------
 
 # Replace a vhost's rows ($1) with the given exchanges, types, states and reasons (arrays of
@@ -229,3 +241,6 @@ FROM (
 ) AS latest
 WHERE event = 'unavailable'
 """
+
+# The oldest capture time in the archive (where a coverage window without --since starts).
+OLDEST_CAPTURE = "SELECT min(captured_at) FROM rabbit_archive.messages"

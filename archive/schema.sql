@@ -118,7 +118,7 @@ $$;
 -- broker confirmed, with every earlier one confirmed too: resume continues after it.
 CREATE TABLE rabbit_archive.replays (
     id text PRIMARY KEY,
-    status text NOT NULL CHECK (status IN ('running', 'completed', 'interrupted', 'failed')),
+    status text NOT NULL CHECK (status IN ('running', 'completed', 'incomplete', 'interrupted', 'failed')),
     filters jsonb NOT NULL,
     target jsonb NOT NULL,
     options jsonb NOT NULL,
@@ -134,7 +134,11 @@ CREATE TABLE rabbit_archive.replays (
     error text,
     started_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- Positions the broker nacked or returned (resume sends them again), and the last position
+    -- such that it and every earlier one were answered (NULL: the same as confirmed_cursor).
+    failed_ids bigint[] NOT NULL DEFAULT '{}',
+    settled_cursor bigint
 );
 CREATE INDEX replays_started_at_idx ON rabbit_archive.replays (started_at);
 

@@ -1,6 +1,7 @@
 """The `rabbit-replay` command: thin typer wrappers that parse, call one async operation and print."""
 
 import asyncio
+import io
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -186,6 +187,72 @@ def _print_messages(found: list[ArchivedMessage], cut: bool) -> None:
 
 
 @app.command()
+def coverage(
+    exchange: ExchangeOpt = None,
+    routing_key: RoutingKeyOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    from_id: FromIdOpt = None,
+    to_id: ToIdOpt = None,
+    header: HeaderOpt = None,
+    message_id: MessageIdOpt = None,
+    correlation_id: CorrelationIdOpt = None,
+    body_contains: BodyContainsOpt = None,
+    body_json: BodyJsonOpt = None,
+    vhost: VhostOpt = None,
+    include_replays: IncludeReplaysOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Is the archive complete for the selection's window? Captured intervals and gaps per exchange.
+
+    The window is --since..--until (default: the oldest archived message until now); the
+    exchanges are the --exchange ones (default: every exchange the daemon recorded). Other
+    filters do not change the verdict: a gap is per exchange.
+    """
+    filters = _filters(locals())
+    settings = settings_or_exit()
+    verdict = run_async(lambda: operations.coverage_verdict(settings, filters))
+    if as_json:
+        print(json_line(coverage_json(verdict)))
+        return
+    for line in coverage_lines(verdict):
+        print(printable(line))
+
+
+def coverage_json(verdict: Any) -> dict[str, Any]:
+    """The `coverage --json` object: complete, the window, gaps and captured intervals."""
+    return {
+        "complete": verdict.complete,
+        "from": verdict.start.isoformat(),
+        "until": verdict.end.isoformat(),
+        "gaps": [gap.as_json() for gap in verdict.gaps],
+        "captured": [
+            {
+                "vhost": vhost,
+                "exchange": name,
+                "intervals": [[start.isoformat(), end.isoformat()] for start, end in intervals],
+            }
+            for (vhost, name), intervals in sorted(verdict.captured.items())
+        ],
+    }
+
+
+def coverage_lines(verdict: Any) -> list[str]:
+    """The verdict for people: one line overall, then one per gap."""
+    window = f"{verdict.start:%Y-%m-%d %H:%M:%S} .. {verdict.end:%Y-%m-%d %H:%M:%S} UTC"
+    if verdict.complete:
+        return [f"coverage: complete for {len(verdict.captured)} exchange(s), {window}"]
+    lines = [f"coverage: INCOMPLETE, {len(verdict.gaps)} gap(s) in {window}:"]
+    for gap in verdict.gaps:
+        counted = f", {gap.messages} messages" if gap.messages is not None else ""
+        lines.append(
+            f"  {gap.vhost} {gap.exchange or '(default)'}: {gap.start:%H:%M:%S}..{gap.end:%H:%M:%S}"
+            f" {gap.reason}{counted}"
+        )
+    return lines
+
+
+@app.command()
 def show(
     archive_id: Annotated[str, typer.Argument(metavar="ID", help="Archive id.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
@@ -296,6 +363,9 @@ def export(
         fail("--force replaces the --output file: give --output", 2)
     settings = settings_or_exit()
     if output is None:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            # The end marker's digest is of the UTF-8 lines, whatever the locale says.
+            sys.stdout.reconfigure(encoding="utf-8")
         try:
             run_async(lambda: operations.export(settings, filters, sys.stdout))
         except OSError as error:
@@ -587,6 +657,7 @@ def _print_history(records: list[ReplayRecord]) -> None:
         "selected",
         "confirmed",
         "returned",
+        "nacked",
     ):
         table.add_column(column, no_wrap=True)
     table.add_column("filters / reason", overflow="fold")
@@ -605,6 +676,7 @@ def _print_history(records: list[ReplayRecord]) -> None:
                     record.selected,
                     record.confirmed,
                     record.returned,
+                    record.nacked,
                     detail,
                 )
             )

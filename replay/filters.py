@@ -4,6 +4,7 @@ Pure logic: no database here. The WHERE clause is built from fixed fragments; ev
 the operator typed reaches PostgreSQL only as a query parameter.
 """
 
+import base64
 import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -47,6 +48,11 @@ class Filters:
                 data[key] = data[key].isoformat()
         data["headers"] = [list(pair) for pair in self.headers]
         data["body_json"] = [[".".join(path), value] for path, value in self.body_json]
+        if self.body_contains is not None and not _is_utf8(self.body_contains):
+            # Bytes given on the command line that are not UTF-8 (surrogate escapes): jsonb
+            # cannot hold them as text, so they are kept as base64 of the exact bytes.
+            data["body_contains"] = None
+            data["body_contains_base64"] = base64.b64encode(body_bytes(self.body_contains)).decode("ascii")
         # `is` tests: an id of 0 is a filter (0 == False would drop it).
         return {
             key: value
@@ -71,7 +77,11 @@ class Filters:
             headers=tuple((key, value) for key, value in data.get("headers", ())),
             message_id=data.get("message_id"),
             correlation_id=data.get("correlation_id"),
-            body_contains=data.get("body_contains"),
+            body_contains=(
+                base64.b64decode(data["body_contains_base64"]).decode("utf-8", "surrogateescape")
+                if data.get("body_contains_base64")
+                else data.get("body_contains")
+            ),
             body_json=tuple((tuple(path.split(".")), value) for path, value in data.get("body_json", ())),
             vhosts=tuple(data.get("vhosts", ())),
             include_replays=bool(data.get("include_replays", False)),
@@ -105,6 +115,24 @@ def _pair(option: str, text: str) -> tuple[str, str]:
 def _no_nul(option: str, text: str | None) -> None:
     if text is not None and "\x00" in text:
         raise UsageError(f"{option}: a NUL character cannot be matched; leave it out of the value")
+    if text is not None and not _is_utf8(text):
+        raise UsageError(
+            f"{option}: {text!r} is not valid UTF-8 text; names and values are compared as UTF-8"
+        )
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding surrogates (bytes on the command line that were not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def body_bytes(text: str) -> bytes:
+    """The bytes --body-contains looks for: UTF-8 of the text, or the very bytes given when not UTF-8."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def build_filters(
@@ -146,6 +174,17 @@ def build_filters(
     )
     for option, value in checked:
         _no_nul(option, value)
+    if body_contains == "":
+        # An empty text is in every body: most likely an unset shell variable, not a filter.
+        raise UsageError(
+            "--body-contains: an empty text matches every message; give the text to look for "
+            "(or leave the option out)"
+        )
+    if body_contains is not None:
+        try:
+            body_bytes(body_contains)
+        except UnicodeEncodeError:
+            raise UsageError(f"--body-contains: cannot turn {body_contains!r} into bytes") from None
     for option, number in (("--from-id", from_id), ("--to-id", to_id)):
         if number is not None and number < 0:
             raise UsageError(f"{option}: archive ids are not negative, got {number}")
@@ -260,7 +299,7 @@ def where_clause(
         q.add(f"correlation_id = {q.param(filters.correlation_id)}::text")
     if filters.body_contains is not None:
         # Bytes, not LIKE: quotes, %, _ and backslashes are plain text to match.
-        q.add(f"position({q.param(filters.body_contains.encode())}::bytea IN body) > 0")
+        q.add(f"position({q.param(body_bytes(filters.body_contains))}::bytea IN body) > 0")
     for path, value in filters.body_json:
         q.add(f"rabbit_archive.body_json(body) #>> {q.param(list(path))}::text[] = {q.param(value)}::text")
     if not filters.include_replays:

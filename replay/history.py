@@ -1,7 +1,7 @@
 """The replay history in PostgreSQL: one row per replay with its filters, counts and confirmed cursor."""
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,8 @@ from archive.db import Connection
 from archive.errors import DatabaseUnavailable, UsageError
 from archive.migrate import schema_version
 
-REPLAY_SCHEMA_VERSION = 2
+# The failed positions and the settled cursor came with migration 5.
+REPLAY_SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,12 @@ class Target:
 
 @dataclass(frozen=True)
 class ReplayRecord:
-    """One replay as the history holds it; `status` is 'interrupted' for a dead 'running' one."""
+    """One replay as the history holds it; `status` is 'interrupted' for a dead 'running' one.
+
+    `status` is one of 'running', 'completed', 'incomplete' (every message was answered, some
+    were nacked or returned: `failed_ids`), 'interrupted' or 'failed'. `settled_cursor` is
+    where a resume continues after sending `failed_ids` again (None: `confirmed_cursor`).
+    """
 
     id: str
     status: str
@@ -66,6 +72,8 @@ class ReplayRecord:
     started_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    failed_ids: tuple[int, ...] = ()
+    settled_cursor: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `history --json` object."""
@@ -83,6 +91,7 @@ class ReplayRecord:
             "filters": self.filters,
             "options": self.options,
             "confirmed_cursor": self.confirmed_cursor,
+            "failed_ids": list(self.failed_ids),
             "error": self.error,
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
@@ -97,7 +106,20 @@ def _record(row: asyncpg.Record) -> ReplayRecord:
     for key in ("filters", "target", "options"):
         if isinstance(values[key], str):
             values[key] = json.loads(values[key])
-    return ReplayRecord(**{name: values[name] for name in _FIELDS})
+    return ReplayRecord(**{name: values[name] for name in _FIELDS if name in values})
+
+
+async def _with_failures(
+    connection: Connection, records: list[ReplayRecord], replay_id: str | None
+) -> list[ReplayRecord]:
+    rows = await connection.fetch(queries.GET_REPLAY_FAILURES, replay_id)
+    found = {row["id"]: row for row in rows}
+    return [
+        replace(record, failed_ids=tuple(row["failed_ids"] or ()), settled_cursor=row["settled_cursor"])
+        if (row := found.get(record.id)) is not None
+        else record
+        for record in records
+    ]
 
 
 async def check_schema(connection: Connection) -> None:
@@ -152,12 +174,13 @@ async def get(connection: Connection, replay_id: str) -> ReplayRecord:
     row = await connection.fetchrow(queries.GET_REPLAY, replay_id)
     if row is None:
         raise UsageError(f"no replay has id {replay_id!r}: list replays with 'rabbit-replay history'")
-    return _record(row)
+    return (await _with_failures(connection, [_record(row)], replay_id))[0]
 
 
 async def all_replays(connection: Connection) -> list[ReplayRecord]:
     """Every replay, oldest first."""
-    return [_record(row) for row in await connection.fetch(queries.LIST_REPLAYS)]
+    records = [_record(row) for row in await connection.fetch(queries.LIST_REPLAYS)]
+    return await _with_failures(connection, records, None)
 
 
 async def save_progress(
@@ -176,8 +199,15 @@ async def save_progress(
     )
 
 
+async def save_failures(
+    connection: Connection, replay_id: str, *, failed: list[int], settled_cursor: int
+) -> None:
+    """Store the positions nacked or returned and where a resume continues after them."""
+    await connection.execute(queries.SAVE_REPLAY_FAILURES, replay_id, failed, settled_cursor)
+
+
 async def finish(connection: Connection, replay_id: str, status: str, error: str | None = None) -> None:
-    """Mark the replay completed, interrupted or failed."""
+    """Mark the replay completed, incomplete, interrupted or failed."""
     await connection.execute(queries.FINISH_REPLAY, replay_id, status, error)
 
 

@@ -3,11 +3,13 @@
 import asyncio
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import secrets
 import signal
 import stat
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -16,15 +18,16 @@ from typing import TextIO
 
 import asyncpg
 
+from archive import queries
 from archive.db import CONNECTION_ERRORS
 from archive.errors import AccessRefused, ArchiveError, DatabaseUnavailable, UsageError, describe
 from config.settings import Settings, mask_url
-from replay import history, selection
+from replay import coverage, history, selection
 from replay.filters import Filters
 from replay.history import ReplayRecord, Target
 from replay.publisher import Publisher
-from replay.records import full_json
-from replay.runner import Counts, Job, Progress, ReplayStopped, count_file, execute
+from replay.records import ExportFile, export_end_line, full_json, read_export_file
+from replay.runner import Counts, Job, Progress, ReplayStopped, execute
 from replay.selection import ArchivedMessage, Group
 from replay.tagging import Tag
 
@@ -109,8 +112,10 @@ async def find(settings: Settings, filters: Filters, limit: int | None) -> Async
 
 
 async def export(settings: Settings, filters: Filters, target: TextIO) -> int:
-    """Write the selected messages to target as JSON Lines; returns how many.
+    """Write the selected messages to target as JSON Lines, then the end marker; returns how many.
 
+    The end marker (records.export_end_line) holds the count and the SHA-256 of the UTF-8
+    lines before it, so that `run --from-file` refuses a file cut short or changed.
     SIGTERM stops it like Ctrl-C (ExportStopped), so that a file being written is removed.
     """
     task = asyncio.current_task()
@@ -124,10 +129,14 @@ async def export(settings: Settings, filters: Filters, target: TextIO) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop)
     written = 0
+    digest = hashlib.sha256()
     try:
         async for message in find(settings, filters, None):
-            target.write(json_line(full_json(message)) + "\n")
+            line = json_line(full_json(message)) + "\n"
+            target.write(line)
+            digest.update(line.encode("utf-8"))
             written += 1
+        target.write(export_end_line(written, digest.hexdigest()) + "\n")
     except asyncio.CancelledError:
         if not stopped:
             raise
@@ -251,6 +260,23 @@ async def count(settings: Settings, filters: Filters) -> int:
         return await selection.count(connection, filters)
 
 
+async def coverage_verdict(settings: Settings, filters: Filters) -> coverage.Verdict:
+    """Whether the archive holds every message of the filters' window and exchanges (per
+    exchange: captured intervals and gaps), from the daemon's coverage history."""
+    async with archive_connection(settings) as connection:
+        now = await connection.fetchval("SELECT now()")
+        start = filters.since or await connection.fetchval(queries.OLDEST_CAPTURE) or now
+        end = min(filters.until or now, now)
+        rows = []
+        if await connection.fetchval(queries.COVERAGE_EXISTS):
+            rows = await connection.fetch(queries.COVERAGE_EVENTS, start, end)
+    events = [
+        coverage.Event(row["at"], row["vhost"], row["exchange"], row["event"], row["reason"], row["messages"])
+        for row in rows
+    ]
+    return coverage.coverage(events, start, end, exchanges=filters.exchanges, vhosts=filters.vhosts)
+
+
 async def show(settings: Settings, archive_id: int) -> ArchivedMessage:
     """One archived message."""
     async with archive_connection(settings) as connection:
@@ -328,10 +354,37 @@ def _publish_url(settings: Settings, request: RunRequest, preview: Preview) -> t
     return settings.amqp_url, settings.amqp_vhost
 
 
-async def _preview(connection: "asyncpg.Connection[asyncpg.Record]", request: RunRequest) -> Preview:
-    if request.file is not None:
-        selected = count_file(request.file)
-        return Preview(selected=selected, bytes=0)
+@contextlib.contextmanager
+def _checked_file(path: Path) -> Iterator[tuple[ExportFile, Path]]:
+    """An export file checked whole, and a private copy of its message lines for the replay to read.
+
+    The replay reads the copy (same line numbers), so what it publishes is exactly what was
+    checked even if the file changes meanwhile; the copy is removed at the end.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix="rabbit-replay-", suffix=".jsonl")
+    except OSError as error:
+        raise ArchiveError(
+            f"cannot create a temporary copy of {path}: {error.strerror or error}; "
+            "set TMPDIR to a writable directory"
+        ) from None
+    copy = Path(name)
+    try:
+        with open(fd, "wb") as target:
+            checked = read_export_file(path, target)
+        yield checked, copy
+    finally:
+        with contextlib.suppress(OSError):
+            copy.unlink()
+
+
+async def _preview(
+    connection: "asyncpg.Connection[asyncpg.Record]", request: RunRequest, checked: ExportFile | None = None
+) -> Preview:
+    if checked is not None:
+        return Preview(
+            selected=checked.messages, bytes=checked.bytes, groups=checked.groups, samples=checked.samples
+        )
     assert request.filters is not None
     groups = await selection.breakdown(connection, request.filters)
     samples = [m async for m in selection.messages(connection, request.filters, limit=SAMPLES)]
@@ -373,12 +426,23 @@ async def _run_job(
     publisher: Publisher,
     progress: Progress,
 ) -> Outcome:
-    """Execute the job and record how it ended; errors are re-raised after recording."""
+    """Execute the job and record how it ended; errors are re-raised after recording.
+
+    A replay that went to the end with messages nacked or returned ends 'incomplete' (the
+    CLI exits 1 naming them; `resume` sends exactly those again).
+    """
     stop = asyncio.Event()
     status, error_text = "completed", None
     try:
         with _stop_on_signals(stop):
             await execute(job, connection=connection, publisher=publisher, stop=stop, progress=progress)
+        if job.failed:
+            kinds = list(job.failed.values())
+            status = "incomplete"
+            error_text = (
+                f"{kinds.count('nacked')} nacked, {kinds.count('returned')} returned as unroutable: "
+                f"'rabbit-replay resume {job.replay_id}' sends them again"
+            )
     except ReplayStopped as error:
         status, error_text = "interrupted", str(error)
         raise
@@ -397,6 +461,12 @@ async def _run_job(
             ) from None
         status, error_text = "interrupted", str(error)
         raise
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        status, error_text = "interrupted", "cancelled"
+        raise
+    except Exception as error:
+        status, error_text = "failed", describe(error)
+        raise
     finally:
         if status:
             with contextlib.suppress(*CONNECTION_ERRORS):
@@ -414,12 +484,14 @@ async def run(
     progress: Progress,
 ) -> Outcome | None:
     """Start a replay (None for a dry run or an empty selection)."""
-    async with archive_connection(settings) as connection:
+    async with archive_connection(settings) as connection, contextlib.AsyncExitStack() as files:
+        # A file is checked whole (end marker, count, digest) before anything else happens.
+        checked, copy = files.enter_context(_checked_file(request.file)) if request.file else (None, None)
         filters = request.filters
         if filters is not None:
             filters = replace(filters, upto_id=await selection.newest_id(connection))
             request.filters = filters
-        preview = await _preview(connection, request)
+        preview = await _preview(connection, request, checked)
         url, vhost = _publish_url(settings, request, preview)
         preview.vhost = vhost
         show_preview(preview)
@@ -454,7 +526,9 @@ async def run(
             await history.create(
                 connection,
                 replay_id,
-                filters=filters.to_json() if filters is not None else {"file": options["file"]},
+                filters=filters.to_json()
+                if filters is not None
+                else {"file": options["file"], **(checked.identity() if checked else {})},
                 target=request.target,
                 options=options,
                 operator=operator_name(request.operator),
@@ -469,7 +543,7 @@ async def run(
                 tag=Tag(replay_id, request.reason),
                 selected=preview.selected,
                 filters=filters,
-                file=request.file,
+                file=copy,
                 rate=request.rate,
                 max_queue_depth=request.max_queue_depth,
                 new_message_id=request.new_message_id,
@@ -489,17 +563,28 @@ async def resume(
     progress: Progress,
 ) -> Outcome:
     """Continue an interrupted replay after its confirmed cursor, with the same replay id."""
-    async with archive_connection(settings, WRITE_HISTORY) as connection:
+    async with (
+        archive_connection(settings, WRITE_HISTORY) as connection,
+        contextlib.AsyncExitStack() as files,
+    ):
+        # Lock first, then read: a record read before the lock could be one that another
+        # process was still changing (its cursor, its counts).
+        if not await history.lock(connection, replay_id):
+            await history.get(connection, replay_id)  # an unknown id says so
+            raise UsageError(f"replay {replay_id} is running in another process; stop that one first")
         record = await history.get(connection, replay_id)
         if record.status == "completed":
             raise UsageError(
                 f"replay {replay_id} already completed; start a new one with 'rabbit-replay run'"
             )
-        if not await history.lock(connection, replay_id):
-            raise UsageError(f"replay {replay_id} is running in another process; stop that one first")
         options = record.options
         target = Target.from_json(record.target)
         file = Path(options["file"]) if options.get("file") else None
+        checked = None
+        if file is not None:
+            # The whole file again, and it must be the very file the replay started with.
+            checked, file = files.enter_context(_checked_file(file))
+            checked.check_same(record.filters, replay_id)
         filters = None if file else Filters.from_json({**record.filters, "upto_id": record.upto_id})
         vhost = options.get("vhost") or settings.amqp_vhost
         url = settings.amqp_url if vhost == settings.amqp_vhost else settings.amqp_url_for(vhost)
@@ -507,9 +592,17 @@ async def resume(
         await publisher.connect()
         try:
             groups = await selection.breakdown(connection, filters) if filters and not target.queue else []
+            if checked is not None:
+                groups = checked.groups
             await _check_target(publisher, target, groups)
+            again = (
+                f", first sending again the {len(record.failed_ids)} nacked or returned"
+                if record.failed_ids
+                else ""
+            )
+            position = record.confirmed_cursor if record.settled_cursor is None else record.settled_cursor
             if confirm is not None and not confirm(
-                f"Resume replay {replay_id} to {target.describe()} after position {record.confirmed_cursor}?"
+                f"Resume replay {replay_id} to {target.describe()} after position {position}{again}?"
             ):
                 raise ReplayStopped("not confirmed; nothing was published")
             await history.restart(connection, replay_id)
@@ -524,7 +617,9 @@ async def resume(
                 rate=rate if rate is not None else options.get("rate"),
                 max_queue_depth=options.get("max_queue_depth"),
                 new_message_id=bool(options.get("new_message_id")),
-                cursor=record.confirmed_cursor,
+                cursor=record.confirmed_cursor if record.settled_cursor is None else record.settled_cursor,
+                confirmed_cursor=record.confirmed_cursor,
+                failed=_failed_kinds(record),
                 counts=Counts(
                     published=record.published,
                     confirmed=record.confirmed,
@@ -535,6 +630,18 @@ async def resume(
             return await _run_job(job, connection, publisher, progress)
         finally:
             await publisher.close()
+
+
+def _failed_kinds(record: ReplayRecord) -> dict[int, str]:
+    """The failed positions labelled so that sending them again takes each out of its count.
+
+    The history keeps how many were returned and nacked, not which: the first `returned`
+    are labelled returned, the others nacked; once all are sent again the counts are exact.
+    """
+    return {
+        position: "returned" if index < record.returned else "nacked"
+        for index, position in enumerate(record.failed_ids)
+    }
 
 
 def json_line(data: object) -> str:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import Counter
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -30,8 +31,19 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Seconds a synchronous request (a passive declare) may go unanswered: a broker that blocks
+# the connection (memory or disk alarm) or a network that drops packets must not hang a replay.
+RPC_TIMEOUT = 10.0
+# Seconds closing the connection may take: a broker that does not answer is simply left.
+CLOSE_TIMEOUT = 3.0
+
+
 class Nacked(Exception):
     """The broker refused responsibility for a published message (basic.nack)."""
+
+
+class Returned(Exception):
+    """The broker returned a mandatory message as unroutable (basic.return before its ack)."""
 
 
 class Publisher:
@@ -46,6 +58,9 @@ class Publisher:
         self._sequence = 0
         self.returned = 0
         self.returned_ids: list[int] = []
+        # Returns not yet matched with their publish, by x-replay-archive-id: the broker sends
+        # a message's basic.return before its basic.ack, and aiormq reads frames in order.
+        self._unclaimed_returns: Counter[int] = Counter()
         # Set when the broker refused a publish for lack of write permission (the channel
         # is closed then; the replay fails with this one line instead of "lost the broker").
         self.refused: AccessRefused | None = None
@@ -87,6 +102,12 @@ class Publisher:
         # each return settles the publish as usual.
         self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
 
+    @property
+    def closed(self) -> bool:
+        """Whether the publishing channel is gone (nothing more will be confirmed on it)."""
+        channel, connection = self._channel, self._connection
+        return channel is None or channel.is_closed or connection is None or connection.is_closed
+
     async def _on_return(self, frame: commands.Basic.Return) -> None:
         channel: Any = self._channel
         header = await channel._Channel__get_content_header()
@@ -100,6 +121,7 @@ class Publisher:
                     archive_id = value
         if isinstance(archive_id, int):
             self.returned_ids.append(archive_id)
+            self._unclaimed_returns[archive_id] += 1
         log.warning(
             "message returned as unroutable",
             extra={
@@ -117,11 +139,24 @@ class Publisher:
             self._probe = await self._connection.channel(publisher_confirms=False)
         return self._probe
 
+    async def _rpc(self, frame: Any) -> Any:
+        """A request on the probe channel; BrokerUnavailable when no answer comes in RPC_TIMEOUT."""
+        try:
+            async with asyncio.timeout(RPC_TIMEOUT):
+                channel = await self._probe_channel()
+                return await frames.rpc(channel, frame)
+        except TimeoutError:
+            # The channel may still await that answer: the next request opens a new one.
+            self._probe = None
+            raise BrokerUnavailable(
+                f"RabbitMQ did not answer within {RPC_TIMEOUT:.0f} s (a memory or disk alarm blocks "
+                "the connection, or the network drops packets)"
+            ) from None
+
     async def queue_depth(self, queue: str) -> int:
         """Messages ready in a queue; UsageError when it does not exist."""
-        channel = await self._probe_channel()
         try:
-            declared = await frames.rpc(channel, frames.queue_declare(queue, passive=True))
+            declared = await self._rpc(frames.queue_declare(queue, passive=True))
         except frames.NameTooLong:
             raise UsageError(f"queue name {queue!r} is longer than the 255 bytes AMQP allows") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -136,9 +171,8 @@ class Publisher:
         """UsageError when the exchange does not exist (the default exchange always does)."""
         if not exchange:
             return
-        channel = await self._probe_channel()
         try:
-            await frames.rpc(channel, frames.exchange_declare(exchange, passive=True))
+            await self._rpc(frames.exchange_declare(exchange, passive=True))
         except frames.NameTooLong:
             raise UsageError(f"exchange name {exchange!r} is longer than the 255 bytes AMQP allows") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -148,9 +182,17 @@ class Publisher:
             ) from None
 
     def publish(
-        self, exchange: str, routing_key: str, properties_raw: bytes, body: bytes
+        self,
+        exchange: str,
+        routing_key: str,
+        properties_raw: bytes,
+        body: bytes,
+        archive_id: int | None = None,
     ) -> "asyncio.Task[None]":
         """Send one message with mandatory set; the task ends when the broker confirms it.
+
+        It fails with Nacked when the broker nacks it, and with Returned when the broker
+        returned it as unroutable (matched by archive_id, the x-replay-archive-id it carries).
 
         Tasks are created in order and each takes the channel lock in that order, so the
         broker receives messages in archive-id order.
@@ -158,7 +200,7 @@ class Publisher:
         assert self._channel is not None
         self._sequence += 1
         return asyncio.create_task(
-            self._confirmed(self._channel, exchange, routing_key, properties_raw, body),
+            self._confirmed(self._channel, exchange, routing_key, properties_raw, body, archive_id),
             name=f"replay-publish-{self._sequence}",
         )
 
@@ -169,6 +211,7 @@ class Publisher:
         routing_key: str,
         properties_raw: bytes,
         body: bytes,
+        archive_id: int | None = None,
     ) -> None:
         try:
             # Written here, not by aiormq: pamqp would refuse names RabbitMQ accepts.
@@ -177,6 +220,9 @@ class Publisher:
             )
             if confirmation is not None:
                 await confirmation
+            if archive_id is not None and self._unclaimed_returns[archive_id] > 0:
+                self._unclaimed_returns[archive_id] -= 1
+                raise Returned(f"archive id {archive_id} returned as unroutable")
         except aiormq.exceptions.DeliveryError as error:
             raise Nacked(str(error.frame)) from None
         except aiormq.exceptions.ChannelAccessRefused as error:
@@ -205,5 +251,7 @@ class Publisher:
         """Close the connection (confirms still outstanding are abandoned)."""
         if self._connection is not None:
             with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
-                await self._connection.close()
+                # A blocked or silent broker never answers connection.close.
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._connection.close()
             self._connection = None

@@ -7,13 +7,15 @@ the window that was unconfirmed when the replay stopped.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from archive.amqp_codec import CodecError
 from archive.db import CONNECTION_ERRORS, Connection
@@ -22,7 +24,7 @@ from archive.stopping import sleep_unless
 from replay import history, selection
 from replay.filters import Filters
 from replay.history import Target
-from replay.publisher import BROKER_ERRORS, Nacked, Publisher
+from replay.publisher import BROKER_ERRORS, Nacked, Publisher, Returned
 from replay.records import from_export_line
 from replay.selection import ArchivedMessage
 from replay.tagging import Tag, tagged_properties
@@ -35,7 +37,9 @@ WINDOW = 500
 # Body bytes in flight: a run of 20 MB messages waits for confirms instead of piling up.
 WINDOW_BYTES = 16 * 1024 * 1024
 SAVE_EVERY = 0.2
-STOP_GRACE = 30.0
+# Seconds to wait for the confirms in flight when the replay stops: with the rest of the
+# shutdown (saving, closing a connection that may not answer), a stop takes under 30 s.
+STOP_GRACE = 20.0
 
 
 class ReplayStopped(ArchiveError):
@@ -66,8 +70,14 @@ class Job:
     rate: float | None = None
     max_queue_depth: int | None = None
     new_message_id: bool = False
+    # Where a resume continues (the last position answered, with every earlier one), and the
+    # history's confirmed cursor when it lies before (messages nacked or returned in between).
     cursor: int = 0
     counts: Counts = field(default_factory=Counts)
+    confirmed_cursor: int | None = None
+    # Positions nacked or returned (-> "nacked" / "returned"), sent again first on resume;
+    # execute() keeps it up to date, so that it holds what is still not routed at the end.
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Pacer:
@@ -91,69 +101,139 @@ class Pacer:
 
 
 class ConfirmWindow:
-    """Publishes in flight, in order; settles the head as the broker confirms."""
+    """Publishes in flight, in order; settles the head as the broker answers.
 
-    def __init__(self, cursor: int, counts: Counts) -> None:
+    Two cursors: `cursor` is the last position such that it and every earlier one were
+    answered (confirmed, nacked, returned or skipped): a resume continues after it.
+    `confirmed_cursor` is the last position such that it and every earlier one were confirmed
+    as routed (or skipped): it stops before the first message nacked or returned. The
+    positions nacked or returned in between are in `failed` (position -> "nacked" or
+    "returned"); a resume sends them again first (added with retry=True).
+    """
+
+    def __init__(
+        self,
+        cursor: int,
+        counts: Counts,
+        *,
+        confirmed_cursor: int | None = None,
+        failed: dict[int, str] | None = None,
+    ) -> None:
         # A None task stands for a message skipped without publishing: settled at once.
-        self._pending: deque[tuple[int, asyncio.Task[None] | None, int]] = deque()
+        self._pending: deque[tuple[int, asyncio.Task[None] | None, int, bool]] = deque()
         self.bytes_in_flight = 0
         self.cursor = cursor
+        self.confirmed_cursor = cursor if confirmed_cursor is None else confirmed_cursor
+        self.failed: dict[int, str] = failed if failed is not None else {}
         self._counts = counts
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, position: int, task: "asyncio.Task[None] | None", size: int = 0) -> None:
-        """Track a publish of the message at position, with its body size."""
-        self._pending.append((position, task, size))
+    def add(
+        self, position: int, task: "asyncio.Task[None] | None", size: int = 0, *, retry: bool = False
+    ) -> None:
+        """Track a publish of the message at position, with its body size (retry: a failed one again)."""
+        self._pending.append((position, task, size, retry))
         self.bytes_in_flight += size
 
+    def _outcome(self, task: "asyncio.Task[None] | None") -> str:
+        """'confirmed', 'nacked', 'returned' or 'skipped'; BrokerUnavailable for a lost publish."""
+        if task is None:
+            return "skipped"
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        if error is None:
+            return "confirmed"
+        if isinstance(error, Nacked):
+            return "nacked"
+        if isinstance(error, Returned):
+            return "returned"
+        raise BrokerUnavailable(f"lost the broker while publishing: {describe(error)}")
+
+    def _count(self, outcome: str, delta: int) -> None:
+        if outcome == "confirmed":
+            self._counts.confirmed += delta
+        elif outcome == "nacked":
+            self._counts.nacked += delta
+        elif outcome == "returned":
+            self._counts.returned += delta
+
     def settle(self) -> None:
-        """Advance the cursor over the confirmed head; a lost broker raises BrokerUnavailable."""
+        """Advance the cursors over the answered head; a lost broker raises BrokerUnavailable."""
         while self._pending and (self._pending[0][1] is None or self._pending[0][1].done()):
-            position, task, size = self._pending[0]
-            if task is None:
-                error: BaseException | None = None
-            else:
-                error = task.exception() if not task.cancelled() else asyncio.CancelledError()
-            if task is None:
-                pass
-            elif error is None:
-                self._counts.confirmed += 1
-            elif isinstance(error, Nacked):
-                self._counts.nacked += 1
-                log.warning("message nacked", extra={"event": "replay.nacked", "position": position})
-            else:
-                raise BrokerUnavailable(f"lost the broker while publishing: {describe(error)}")
+            position, task, size, retry = self._pending[0]
+            outcome = self._outcome(task)
             self._pending.popleft()
             self.bytes_in_flight -= size
-            self.cursor = position
+            if retry:
+                # Counted as failed before: counted again by its new outcome.
+                self._count(self.failed.pop(position, ""), -1)
+            self._count(outcome, 1)
+            if outcome in ("nacked", "returned"):
+                self.failed[position] = outcome
+                log.warning(f"message {outcome}", extra={"event": f"replay.{outcome}", "position": position})
+            if not retry:
+                self.cursor = max(self.cursor, position)
+            if not self.failed:
+                self.confirmed_cursor = self.cursor
+            elif outcome not in ("nacked", "returned") and position < min(self.failed):
+                self.confirmed_cursor = max(self.confirmed_cursor, position)
 
-    async def wait_for_room(self, size: int, max_bytes: int | None = None) -> None:
-        """Wait until fewer than size publishes (and fewer than max_bytes body bytes) are in flight."""
+    async def wait_for_room(
+        self, size: int, max_bytes: int | None = None, stop: asyncio.Event | None = None
+    ) -> None:
+        """Wait until fewer than size publishes (and fewer than max_bytes body bytes) are in flight.
+
+        Returns early, with the window still full, once stop is set.
+        """
         while self._pending and (
             len(self._pending) >= size or (max_bytes is not None and self.bytes_in_flight >= max_bytes)
         ):
+            if stop is not None and stop.is_set():
+                return
             head = self._pending[0][1]
             if head is not None:
-                await asyncio.wait([head])
+                await _first_of(head, stop)
             self.settle()
 
-    async def drain(self, grace: float) -> None:
-        """Wait for every publish in flight (or the timeout), settling what was confirmed."""
+    async def drain(self, grace: float, stop: asyncio.Event | None = None, *, strict: bool = True) -> None:
+        """Wait for every publish in flight (or the timeout, or stop), settling what was answered.
+
+        With strict=False a lost publish stops the settling instead of raising.
+        """
         if self._pending:
-            tasks = [task for _, task, _ in self._pending if task is not None]
+            tasks = [task for _, task, _, _ in self._pending if task is not None]
             if tasks:
-                await asyncio.wait(tasks, timeout=grace)
-        self.settle()
+                waiting = asyncio.ensure_future(asyncio.wait(tasks, timeout=grace))
+                await _first_of(waiting, stop)
+                waiting.cancel()
+        if strict:
+            self.settle()
+        else:
+            with contextlib.suppress(BrokerUnavailable):
+                self.settle()
 
     def abandon(self) -> None:
         """Forget what is still in flight (the connection is gone); their outcome is unknown."""
-        for _, task, _ in self._pending:
+        for _, task, _, _ in self._pending:
             if task is not None:
                 task.cancel()
         self._pending.clear()
         self.bytes_in_flight = 0
+
+
+async def _first_of(awaitable: "asyncio.Future[Any]", stop: asyncio.Event | None) -> None:
+    """Wait for awaitable to finish, or for stop to be set (the awaitable is left running)."""
+    if stop is None:
+        await asyncio.wait([awaitable])
+        return
+    if stop.is_set():
+        return
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([awaitable, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
 
 
 async def _archive_items(connection: Connection, job: Job) -> AsyncIterator[tuple[int, ArchivedMessage]]:
@@ -167,6 +247,49 @@ async def _archive_items(connection: Connection, job: Job) -> AsyncIterator[tupl
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"lost PostgreSQL during the replay: {describe(error)}") from None
         yield message.id, message
+
+
+async def _archive_retries(connection: Connection, job: Job) -> AsyncIterator[tuple[int, ArchivedMessage]]:
+    for archive_id in sorted(job.failed):
+        try:
+            message = await selection.message(connection, archive_id)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(f"lost PostgreSQL during the replay: {describe(error)}") from None
+        except UsageError:
+            # Pruned since: it cannot be sent again; reported like a message that cannot be republished.
+            outcome = job.failed.pop(archive_id)
+            setattr(job.counts, outcome, getattr(job.counts, outcome) - 1)
+            job.counts.skipped += 1
+            log.error(
+                "message to send again is no longer archived",
+                extra={"event": "replay.skipped", "archive_id": archive_id},
+            )
+            continue
+        yield archive_id, message
+
+
+async def file_retries(path: Path, positions: list[int]) -> AsyncIterator[tuple[int, ArchivedMessage]]:
+    """The messages on the given lines of an export file, in file order."""
+    wanted = set(positions)
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if number in wanted and line.strip():
+                yield number, from_export_line(line, f"{path}:{number}")
+
+
+async def _items(connection: Connection, job: Job) -> AsyncIterator[tuple[int, ArchivedMessage, bool]]:
+    """What the job publishes: first the positions that failed before (retry), then after the cursor."""
+    if job.failed:
+        again = (
+            _archive_retries(connection, job)
+            if job.file is None
+            else file_retries(job.file, sorted(job.failed))
+        )
+        async for position, message in again:
+            yield position, message, True
+    rest = _archive_items(connection, job) if job.file is None else file_items(job.file, job.cursor)
+    async for position, message in rest:
+        yield position, message, False
 
 
 async def file_items(path: Path, after_line: int = 0) -> AsyncIterator[tuple[int, ArchivedMessage]]:
@@ -227,19 +350,22 @@ async def execute(
 ) -> Counts:
     """Publish the job's messages after its cursor, in order; ReplayStopped or an ArchiveError when cut short.
 
+    Messages that failed before (job.failed) are sent first. However the loop ends (done, a
+    stop request, a lost broker, a vanished target queue, any exception), the publishes in
+    flight are waited for (STOP_GRACE at most, cut short when the connection is gone), and
+    the counts and both cursors are saved before it returns or raises. On return, job.failed
+    holds what the broker nacked or returned: the caller marks such a replay incomplete.
     `connection` holds the replay's lock and serves both the reads and the history.
     """
     counts = job.counts
-    base_returned = counts.returned
-    window = ConfirmWindow(job.cursor, counts)
+    window = ConfirmWindow(job.cursor, counts, confirmed_cursor=job.confirmed_cursor, failed=job.failed)
     pacer = Pacer(job.rate)
-    items = _archive_items(connection, job) if job.file is None else file_items(job.file, job.cursor)
+    items = _items(connection, job)
     last_save = time.monotonic()
     depth_budget = 0  # publishes --max-queue-depth still allows before the depth is read again
     progress.start(job.selected, counts.confirmed + counts.nacked + counts.skipped)
 
     async def save() -> None:
-        counts.returned = base_returned + publisher.returned
         try:
             await history.save_progress(
                 connection,
@@ -248,13 +374,17 @@ async def execute(
                 confirmed=counts.confirmed,
                 returned=counts.returned,
                 nacked=counts.nacked,
-                cursor=window.cursor,
+                cursor=window.confirmed_cursor,
+            )
+            await history.save_failures(
+                connection, job.replay_id, failed=sorted(window.failed), settled_cursor=window.cursor
             )
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"lost PostgreSQL during the replay: {describe(error)}") from None
 
+    failure: BaseException | None = None
     try:
-        async for position, message in items:
+        async for position, message, retry in items:
             if stop.is_set():
                 break
             delay = pacer.delay()
@@ -265,15 +395,21 @@ async def execute(
                     # The broker counts a message in the queue once it confirms it: settle what
                     # is in flight, then read the depth and publish only what still fits.
                     limit = max(job.max_queue_depth, 1)
-                    await window.drain(STOP_GRACE)
-                    while (queued := await publisher.queue_depth(job.target.queue)) >= limit:
+                    await window.drain(STOP_GRACE, stop)
+                    queued: int | None = None
+                    while not stop.is_set():
+                        queued = await _unless_stopped(stop, _target_depth(publisher, job.target.queue))
+                        if queued is None or queued < limit:
+                            break
                         if await sleep_unless(stop, 0.2):
                             break
+                    if stop.is_set() or queued is None:
+                        break
                     depth_budget = limit - queued
-                if stop.is_set():
-                    break
                 depth_budget -= 1
-            await window.wait_for_room(WINDOW, WINDOW_BYTES)
+            await window.wait_for_room(WINDOW, WINDOW_BYTES, stop)
+            if stop.is_set():
+                break
             exchange, routing_key = destination(job.target, message)
             try:
                 properties = tagged_properties(
@@ -296,12 +432,13 @@ async def execute(
                     "message cannot be republished",
                     extra={"event": "replay.skipped", "archive_id": message.id, "error": describe(error)},
                 )
-                window.add(position, None)
+                window.add(position, None, retry=retry)
                 continue
             window.add(
                 position,
-                publisher.publish(exchange, routing_key, properties, message.body),
+                publisher.publish(exchange, routing_key, properties, message.body, message.id),
                 len(message.body),
+                retry=retry,
             )
             counts.published += 1
             progress.advance(counts.published)
@@ -309,20 +446,51 @@ async def execute(
             if time.monotonic() - last_save >= SAVE_EVERY:
                 await save()
                 last_save = time.monotonic()
-        await window.drain(STOP_GRACE)
-        await save()
-    except BROKER_ERRORS as error:
-        window.abandon()
-        await save()
-        raise BrokerUnavailable(f"lost the broker during the replay: {describe(error)}") from None
-    except BrokerUnavailable:
-        window.abandon()
-        await save()
-        raise
+    except BaseException as error:  # every way out waits for the confirms and saves
+        failure = error
     finally:
         progress.stop()
-    if len(window):
-        raise ReplayStopped(f"{len(window)} publishes were not confirmed within {STOP_GRACE:.0f} s")
+    lost = isinstance(failure, (*BROKER_ERRORS, BrokerUnavailable))
+    # A connection that is gone answers nothing more: what it confirmed is settled at once.
+    await window.drain(0 if lost and publisher.closed else STOP_GRACE, strict=False)
+    if failure is None:
+        try:
+            window.settle()  # a publish that failed (not a late one) is a lost broker
+        except BrokerUnavailable as error:
+            failure = error
+    unconfirmed = len(window)
+    window.abandon()
+    try:
+        await save()
+    except DatabaseUnavailable:
+        if failure is None or not isinstance(failure, DatabaseUnavailable):
+            raise
+    if failure is not None:
+        if isinstance(failure, BROKER_ERRORS):
+            raise BrokerUnavailable(f"lost the broker during the replay: {describe(failure)}") from None
+        raise failure
+    if unconfirmed:
+        raise ReplayStopped(f"{unconfirmed} publishes were not confirmed within {STOP_GRACE:.0f} s")
     if stop.is_set():
         raise ReplayStopped("interrupted")
     return counts
+
+
+async def _unless_stopped(stop: asyncio.Event, coroutine: "Coroutine[Any, Any, int]") -> int | None:
+    """The coroutine's result, or None when stop is set first (the coroutine is cancelled)."""
+    task = asyncio.ensure_future(coroutine)
+    await _first_of(task, stop)
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
+async def _target_depth(publisher: Publisher, queue: str) -> int:
+    """The target queue's depth; a queue deleted during the replay stops it (resumable)."""
+    try:
+        return await publisher.queue_depth(queue)
+    except UsageError:
+        raise ReplayStopped(
+            f"the target queue {queue!r} was deleted during the replay: declare it again"
+        ) from None

@@ -84,6 +84,9 @@ def test_default_exchange_traffic_is_reported_under_bindings_and_captured_under_
     history = events(database_url)
     assert (vhost, None, "source", "bindings", None) in history
     assert any(row[1] == "" and row[2] == "skipped" for row in history)
+    verdict = coverage_json(capture_env, "--exchange", "", "--since", "1h")
+    assert verdict["complete"] is False
+    assert any(gap["exchange"] == "" and "default exchange" in gap["reason"] for gap in verdict["gaps"])
 
     # The same producer under SOURCE=bindings+default: archived, and replayed back into its queue.
     start_capture(source="bindings+default")
@@ -126,13 +129,31 @@ def test_default_exchange_traffic_is_reported_under_bindings_and_captured_under_
     assert (vhost, None, "source", "bindings+default", None) in events(database_url)
 
 
+def coverage_json(env: dict[str, str], *args: str) -> dict[str, Any]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
+    result = subprocess.run(
+        [command("rabbit-replay"), "coverage", "--json", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    verdict: dict[str, Any] = json.loads(result.stdout)
+    return verdict
+
+
 def test_an_exchange_declared_later_and_drops_are_in_the_coverage_history(
     start_capture: Callable[..., CaptureProcess],
+    capture_env: dict[str, str],
     pika_channel: Any,
     vhost: str,
     database_url: str,
 ) -> None:
     daemon = start_capture(queue_max_bytes="20000")
+    window_start = run_sql(database_url, "SELECT now() - interval '1 second'")[0][0]
+    time.sleep(1)
     pika_channel.exchange_declare("late", "fanout")
     daemon.wait_bound("late")
     wait_for(
@@ -164,5 +185,17 @@ def test_an_exchange_declared_later_and_drops_are_in_the_coverage_history(
         for row in events(database_url)
         if row[2] == "dropped"
     )
+
+    # The verdict for a window that starts before 'late' was bound: a gap up to its binding,
+    # and the drops with their count.
+    time.sleep(6)  # the history is written every 5 s
+    verdict = coverage_json(capture_env, "--exchange", "late", "--since", window_start.isoformat())
+    assert verdict["complete"] is False
+    reasons = [gap["reason"] for gap in verdict["gaps"]]
+    assert reasons[0] == "no capture recorded for this exchange"
+    assert verdict["gaps"][0]["from"] == window_start.isoformat()
+    dropped_gaps = [gap for gap in verdict["gaps"] if gap["reason"].startswith("dropped")]
+    assert sum(gap["messages"] for gap in dropped_gaps) == dropped()
+    assert [item["exchange"] for item in verdict["captured"]] == ["late"]
     assert daemon.process is not None
     assert daemon.process.poll() is None

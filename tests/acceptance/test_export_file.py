@@ -40,7 +40,7 @@ def test_export_writes_a_new_private_file(archive: Archive, tmp_path: Path) -> N
     ok(result)
     expected = json_lines(ok(archive.replay("find", "--exchange", "orders", "--json")))
     assert len(expected) == 9
-    assert [line["id"] for line in json_lines(path.read_text(encoding="utf-8"))] == [
+    assert [line["id"] for line in json_lines(path.read_text(encoding="utf-8"))[:-1]] == [
         item["id"] for item in expected
     ]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -73,7 +73,7 @@ def test_an_existing_file_is_replaced_only_with_force(archive: Archive, tmp_path
     assert_one_line_error(no_database, 2, "--force")
 
     ok(export(archive, path, "--force"))
-    assert len(json_lines(path.read_text(encoding="utf-8"))) == archive.rows()
+    assert len(json_lines(path.read_text(encoding="utf-8"))) == archive.rows() + 1  # + the end marker
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert entries(tmp_path) == ["slice.jsonl"]
 

@@ -163,7 +163,8 @@ def test_export_then_run_from_file_into_another_vhost_keeps_bytes_properties_and
     originals = drain(archive.channel, "orders-all", 6)
 
     # export with no --output: JSON Lines on stdout, full messages.
-    lines = json_lines(ok(archive.replay("export", "--exchange", "orders")))
+    *lines, end = json_lines(ok(archive.replay("export", "--exchange", "orders")))
+    assert (end["rabbit_archive_export_end"], end["count"]) == (True, 6)  # the end marker
     assert len(lines) == 6
     for line, (props, body) in zip(lines, originals, strict=True):
         assert {"body_base64", "headers_typed", "properties_raw_base64", "id", "routing_key"} <= set(line)
@@ -176,7 +177,7 @@ def test_export_then_run_from_file_into_another_vhost_keeps_bytes_properties_and
     export_file = tmp_path / "slice.jsonl"
     result = archive.replay("export", "--exchange", "orders", "--output", str(export_file))
     ok(result)
-    assert json_lines(export_file.read_text(encoding="utf-8")) == lines
+    assert json_lines(export_file.read_text(encoding="utf-8")) == [*lines, end]
 
     # Another environment: a vhost the daemon does not capture, with the queue that needs them.
     other_channel.queue_declare("restore", durable=True)
@@ -236,7 +237,7 @@ def test_run_from_file_refuses_malformed_files_and_filters_publishing_nothing(
     good = tmp_path / "good.jsonl"
     ok(archive.replay("export", "--exchange", "audit", "--output", str(good)))
     good_lines = good.read_text(encoding="utf-8").splitlines()
-    assert len(good_lines) == 4
+    assert len(good_lines) == 5  # four messages and the end marker
 
     not_json = tmp_path / "not-json.jsonl"
     not_json.write_text(good_lines[0] + "\n" + "this is not json\n" + good_lines[1] + "\n", encoding="utf-8")
