@@ -42,13 +42,19 @@ def _exactly_255_bytes(text: str) -> str:
     return cut + "x" * (255 - len(cut.encode("utf-8")))
 
 
+# RabbitMQ 3.10 answers declare-ok to an exchange or queue name holding CR or LF, then cannot
+# find it again (NOT_FOUND on the next passive declare or publish; measured): such a name can
+# carry no message, so it is outside the space to test.
+BROKER_UNUSABLE = frozenset("\r\n")
+
+
 def names() -> st.SearchStrategy[str]:
     """Exchange and queue names RabbitMQ accepts (the amq. prefix is reserved by the broker)."""
     return st.one_of(
         st.text(ANY_CHARACTER, min_size=1, max_size=80).map(_fit),
         st.text(st.sampled_from(SPECIAL + "aZ9éßж日本語🐇"), min_size=1, max_size=60),
         st.text(ANY_CHARACTER, max_size=90).map(_exactly_255_bytes),
-    ).filter(lambda name: not name.startswith("amq."))
+    ).filter(lambda name: not name.startswith("amq.") and not set(name) & BROKER_UNUSABLE)
 
 
 def target_names() -> st.SearchStrategy[str]:
