@@ -7,9 +7,9 @@ from typing import NoReturn, TypeVar
 
 import typer
 
-from archive.errors import ArchiveError
-from archive.logs import setup_logging
-from config import ConfigError, Settings, load_settings
+from rabbit_archive.archive.errors import ArchiveError
+from rabbit_archive.archive.logs import setup_logging
+from rabbit_archive.config import ConfigError, Settings, load_settings
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from archive.errors import AccessRefused, DatabaseRefused, DatabaseUnavailable, describe
-from config.settings import mask_url
+from rabbit_archive.archive.errors import AccessRefused, DatabaseRefused, DatabaseUnavailable, describe
+from rabbit_archive.config.settings import mask_url
 
 # A connection of its own or one borrowed from a pool: both run the same queries.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"

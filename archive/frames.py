@@ -20,9 +20,9 @@ import aiormq
 import aiormq.abc
 from pamqp import base, commands, header
 
-from archive import content_header
-from archive.amqp_codec import CodecError, FieldValue, Table, encode_table
-from config.urls import split_hosts
+from rabbit_archive.archive import content_header
+from rabbit_archive.archive.amqp_codec import CodecError, FieldValue, Table, encode_table
+from rabbit_archive.config.urls import split_hosts
 
 _SHORT = struct.Struct(">H")
 _EMPTY_TABLE = b"\x00\x00\x00\x00"

@@ -6,8 +6,8 @@ from importlib import resources
 
 import asyncpg
 
-from archive.db import DATABASE_ERRORS, Connection, database_error
-from archive.errors import AccessRefused, describe
+from rabbit_archive.archive.db import DATABASE_ERRORS, Connection, database_error
+from rabbit_archive.archive.errors import AccessRefused, describe
 
 # One lock id for the whole product: replicas starting together take turns.
 MIGRATION_LOCK_ID = 0x7261626269740001
@@ -35,7 +35,7 @@ class Migration:
 def migrations() -> list[Migration]:
     """Every migration shipped with the package, in order."""
     found = []
-    for entry in resources.files("archive").joinpath("migrations").iterdir():
+    for entry in resources.files("rabbit_archive.archive").joinpath("migrations").iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))

@@ -5,7 +5,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from archive.amqp_codec import (
+from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
     Properties,

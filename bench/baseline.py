@@ -23,7 +23,7 @@ from bench.common import (
     publish,
     window_size,
 )
-from config.settings import Settings
+from rabbit_archive.config.settings import Settings
 
 PREFETCH: int = Settings.model_fields["prefetch"].default  # the daemon's default, not the environment's
 ACK_EVERY = 1000

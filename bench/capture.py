@@ -38,7 +38,7 @@ from bench.common import (
     peak_rss_mb,
     publish,
 )
-from config.settings import Settings
+from rabbit_archive.config.settings import Settings
 
 ARCHIVE_QUEUE: str = Settings.model_fields["queue"].default
 POLL = 0.2

@@ -1,5 +1,5 @@
-"""`python -m capture` is `rabbit-capture`."""
+"""`python -m rabbit_archive.capture` is `rabbit-capture`."""
 
-from capture.cli import main
+from rabbit_archive.capture.cli import main
 
 main()

@@ -32,8 +32,8 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
-from capture.batching import Delivery
-from capture.store import ArchiveStore, WriteResult
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.store import ArchiveStore, WriteResult
 
 
 class AckChannel(Protocol):

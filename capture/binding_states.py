@@ -6,9 +6,9 @@ its per-exchange states (bound, skipped, refused, failed, unrepresentable) to Po
 
 import asyncpg
 
-from archive import queries
-from archive.db import CONNECTION_ERRORS, Connection
-from archive.errors import DatabaseUnavailable, describe
+from rabbit_archive.archive import queries
+from rabbit_archive.archive.db import CONNECTION_ERRORS, Connection
+from rabbit_archive.archive.errors import DatabaseUnavailable, describe
 
 # What the daemon can have done with an exchange (rabbit_archive.binding_state.state).
 STATES = ("bound", "skipped", "refused", "unrepresentable", "failed")

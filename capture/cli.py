@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from archive.command_line import CommandLine
-from archive.db import create_pool
-from archive.migrate import apply_migrations
-from capture.daemon import run_daemon
-from capture.status import collect_status
-from capture.store import prune as prune_partitions
-from config import ConfigError, Settings, parse_duration
+from rabbit_archive.archive.command_line import CommandLine
+from rabbit_archive.archive.db import create_pool
+from rabbit_archive.archive.migrate import apply_migrations
+from rabbit_archive.capture.daemon import run_daemon
+from rabbit_archive.capture.status import collect_status
+from rabbit_archive.capture.store import prune as prune_partitions
+from rabbit_archive.config import ConfigError, Settings, parse_duration
 
 if TYPE_CHECKING:
     from rich.text import Text

@@ -12,9 +12,9 @@ import aiormq
 import aiormq.abc
 from pamqp import commands
 
-from archive import content_header, frames
-from archive.amqp_codec import CodecError, decode_properties, text_view
-from archive.errors import (
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import CodecError, decode_properties, text_view
+from rabbit_archive.archive.errors import (
     AccessRefused,
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -23,18 +23,18 @@ from archive.errors import (
     describe,
     reply_text,
 )
-from archive.stopping import sleep_unless
-from capture import firehose
-from capture.acks import Acknowledger
-from capture.batching import Batcher, Delivery
-from capture.coverage import CoverageEvent
-from capture.discovery import BindingKeeper
-from capture.health import Health
-from capture.metrics import CaptureMetrics
-from capture.read_gate import ReadGate
-from capture.store import ArchiveStore
-from config.settings import Settings, mask_url
-from config.urls import split_hosts
+from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.capture import firehose
+from rabbit_archive.capture.acks import Acknowledger
+from rabbit_archive.capture.batching import Batcher, Delivery
+from rabbit_archive.capture.coverage import CoverageEvent
+from rabbit_archive.capture.discovery import BindingKeeper
+from rabbit_archive.capture.health import Health
+from rabbit_archive.capture.metrics import CaptureMetrics
+from rabbit_archive.capture.read_gate import ReadGate
+from rabbit_archive.capture.store import ArchiveStore
+from rabbit_archive.config.settings import Settings, mask_url
+from rabbit_archive.config.urls import split_hosts
 
 log = logging.getLogger("rabbit_archive.capture")
 

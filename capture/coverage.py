@@ -17,11 +17,11 @@ from typing import Any
 
 import asyncpg
 
-from archive import queries
-from archive.db import DATABASE_ERRORS
-from archive.errors import describe
-from capture.binding_plan import ExchangeState
-from capture.binding_states import storable_text
+from rabbit_archive.archive import queries
+from rabbit_archive.archive.db import DATABASE_ERRORS
+from rabbit_archive.archive.errors import describe
+from rabbit_archive.capture.binding_plan import ExchangeState
+from rabbit_archive.capture.binding_states import storable_text
 
 log = logging.getLogger("rabbit_archive.capture.coverage")
 

@@ -7,25 +7,25 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from archive.db import DATABASE_ERRORS, create_pool, database_error
-from archive.errors import (
+from rabbit_archive.archive.db import DATABASE_ERRORS, create_pool, database_error
+from rabbit_archive.archive.errors import (
     ArchiveError,
     BrokerUnavailable,
     DatabaseUnavailable,
 )
-from archive.migrate import apply_migrations
-from archive.stopping import sleep_unless
-from capture.consumer import Backoff, VhostCapture
-from capture.coverage import CoverageEvent, CoverageLog
-from capture.discovery import BindingKeeper
-from capture.events import watch_topology_events
-from capture.health import Health
-from capture.http import HealthServer
-from capture.management import ManagementApi, VhostRefused, management_client
-from capture.metrics import CaptureMetrics
-from capture.signals import stop_on_signals
-from capture.store import PostgresStore
-from config.settings import Settings, mask_url
+from rabbit_archive.archive.migrate import apply_migrations
+from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.capture.consumer import Backoff, VhostCapture
+from rabbit_archive.capture.coverage import CoverageEvent, CoverageLog
+from rabbit_archive.capture.discovery import BindingKeeper
+from rabbit_archive.capture.events import watch_topology_events
+from rabbit_archive.capture.health import Health
+from rabbit_archive.capture.http import HealthServer
+from rabbit_archive.capture.management import ManagementApi, VhostRefused, management_client
+from rabbit_archive.capture.metrics import CaptureMetrics
+from rabbit_archive.capture.signals import stop_on_signals
+from rabbit_archive.capture.store import PostgresStore
+from rabbit_archive.config.settings import Settings, mask_url
 
 log = logging.getLogger("rabbit_archive.capture")
 

@@ -10,10 +10,16 @@ import aiormq
 import aiormq.abc
 import asyncpg
 
-from archive import frames
-from archive.errors import AccessRefused, BrokerUnavailable, DatabaseUnavailable, UsageError, reply_text
-from archive.stopping import sleep_unless
-from capture.binding_plan import (
+from rabbit_archive.archive import frames
+from rabbit_archive.archive.errors import (
+    AccessRefused,
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    UsageError,
+    reply_text,
+)
+from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.capture.binding_plan import (
     ArchiveBinding,
     BindingPlan,
     ExchangeState,
@@ -24,11 +30,11 @@ from capture.binding_plan import (
     reconcile,
     with_default_exchange_traces,
 )
-from capture.binding_states import save_binding_states
-from capture.coverage import CoverageLog, uncaptured_rates
-from capture.management import ManagementApi
-from capture.metrics import CaptureMetrics
-from config.settings import Settings
+from rabbit_archive.capture.binding_states import save_binding_states
+from rabbit_archive.capture.coverage import CoverageLog, uncaptured_rates
+from rabbit_archive.capture.management import ManagementApi
+from rabbit_archive.capture.metrics import CaptureMetrics
+from rabbit_archive.config.settings import Settings
 
 log = logging.getLogger("rabbit_archive.capture.discovery")
 

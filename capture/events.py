@@ -15,10 +15,10 @@ from collections.abc import Callable
 import aiormq
 import aiormq.abc
 
-from archive import content_header, frames
-from archive.amqp_codec import CodecError, decode_properties
-from archive.stopping import sleep_unless
-from config.settings import Settings, mask_url
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import CodecError, decode_properties
+from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.config.settings import Settings, mask_url
 
 log = logging.getLogger("rabbit_archive.capture.events")
 

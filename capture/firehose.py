@@ -20,7 +20,14 @@ otherwise the trace copy is stored as it came, flagged with `LOST_HEADER`.
 
 from typing import NamedTuple
 
-from archive.amqp_codec import CodecError, FieldValue, Properties, Table, decode_properties, encode_properties
+from rabbit_archive.archive.amqp_codec import (
+    CodecError,
+    FieldValue,
+    Properties,
+    Table,
+    decode_properties,
+    encode_properties,
+)
 
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
 PUBLISH_EVENTS = "publish.#"

@@ -9,8 +9,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from capture.health import Health
-from capture.metrics import CaptureMetrics
+from rabbit_archive.capture.health import Health
+from rabbit_archive.capture.metrics import CaptureMetrics
 
 StartResponse = Callable[..., Any]
 

@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 import httpx
 
-from archive.errors import AccessRefused, BrokerUnavailable, UsageError
-from config.settings import Settings
+from rabbit_archive.archive.errors import AccessRefused, BrokerUnavailable, UsageError
+from rabbit_archive.config.settings import Settings
 
 log = logging.getLogger("rabbit_archive.capture.management")
 

@@ -8,16 +8,16 @@ from typing import Any
 
 import aiormq
 
-from archive import frames, queries
-from archive.db import DATABASE_ERRORS, create_pool, database_error
-from archive.errors import BrokerUnavailable, describe
-from archive.migrate import schema_version
-from capture.binding_plan import BindingPlan, ExchangeState
-from capture.coverage import uncaptured_rates
-from capture.discovery import BindingKeeper
-from capture.management import ManagementApi, management_client
-from capture.metrics import CaptureMetrics
-from config.settings import Settings, mask_url
+from rabbit_archive.archive import frames, queries
+from rabbit_archive.archive.db import DATABASE_ERRORS, create_pool, database_error
+from rabbit_archive.archive.errors import BrokerUnavailable, describe
+from rabbit_archive.archive.migrate import schema_version
+from rabbit_archive.capture.binding_plan import BindingPlan, ExchangeState
+from rabbit_archive.capture.coverage import uncaptured_rates
+from rabbit_archive.capture.discovery import BindingKeeper
+from rabbit_archive.capture.management import ManagementApi, management_client
+from rabbit_archive.capture.metrics import CaptureMetrics
+from rabbit_archive.config.settings import Settings, mask_url
 
 # Recorded states that tell more than the plan's "bound": the daemon tried and could not.
 _OVERRIDING = frozenset({"refused", "unrepresentable", "failed"})

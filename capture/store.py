@@ -10,12 +10,18 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from archive import queries
-from archive.db import DATABASE_ERRORS, Connection, database_error
-from archive.errors import describe
-from archive.records import DELIVERY_COUNT_HEADER, MESSAGE_COLUMNS, clean_properties, fingerprint, message_row
-from capture.batching import Delivery
-from capture.binding_states import storable_text
+from rabbit_archive.archive import queries
+from rabbit_archive.archive.db import DATABASE_ERRORS, Connection, database_error
+from rabbit_archive.archive.errors import describe
+from rabbit_archive.archive.records import (
+    DELIVERY_COUNT_HEADER,
+    MESSAGE_COLUMNS,
+    clean_properties,
+    fingerprint,
+    message_row,
+)
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.binding_states import storable_text
 
 log = logging.getLogger("rabbit_archive.capture.store")
 

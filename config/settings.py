@@ -16,8 +16,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from config.durations import parse_duration
-from config.urls import join_hosts, split_hosts
+from rabbit_archive.config.durations import parse_duration
+from rabbit_archive.config.urls import join_hosts, split_hosts
 
 ENV_PREFIX = "RABBIT_ARCHIVE_"
 DEFAULT_SECRETS_DIR = "/run/secrets"

@@ -1,5 +1,5 @@
-"""`python -m replay` is `rabbit-replay`."""
+"""`python -m rabbit_archive.replay` is `rabbit-replay`."""
 
-from replay.cli import main
+from rabbit_archive.replay.cli import main
 
 main()

@@ -10,16 +10,16 @@ from typing import Annotated, Any
 
 import typer
 
-from archive.amqp_codec import CodecError, decode_properties, typed_entries
-from archive.command_line import CommandLine
-from archive.errors import ArchiveError, UsageError
-from replay import operations
-from replay.filters import Filters, build_filters
-from replay.history import ReplayRecord, Target
-from replay.operations import Outcome, Preview, RunRequest, json_line
-from replay.records import full_json, summary_json
-from replay.runner import Progress
-from replay.selection import ArchivedMessage
+from rabbit_archive.archive.amqp_codec import CodecError, decode_properties, typed_entries
+from rabbit_archive.archive.command_line import CommandLine
+from rabbit_archive.archive.errors import ArchiveError, UsageError
+from rabbit_archive.replay import operations
+from rabbit_archive.replay.filters import Filters, build_filters
+from rabbit_archive.replay.history import ReplayRecord, Target
+from rabbit_archive.replay.operations import Outcome, Preview, RunRequest, json_line
+from rabbit_archive.replay.records import full_json, summary_json
+from rabbit_archive.replay.runner import Progress
+from rabbit_archive.replay.selection import ArchivedMessage
 
 app = typer.Typer(
     name="rabbit-replay",

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from archive.errors import UsageError
-from config.durations import parse_duration
+from rabbit_archive.archive.errors import UsageError
+from rabbit_archive.config.durations import parse_duration
 
 
 @dataclass(frozen=True)

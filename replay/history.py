@@ -7,10 +7,10 @@ from typing import Any
 
 import asyncpg
 
-from archive import queries
-from archive.db import Connection
-from archive.errors import DatabaseUnavailable, UsageError
-from archive.migrate import schema_version
+from rabbit_archive.archive import queries
+from rabbit_archive.archive.db import Connection
+from rabbit_archive.archive.errors import DatabaseUnavailable, UsageError
+from rabbit_archive.archive.migrate import schema_version
 
 # The failed positions and the settled cursor came with migration 5.
 REPLAY_SCHEMA_VERSION = 5

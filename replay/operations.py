@@ -18,18 +18,24 @@ from typing import TextIO
 
 import asyncpg
 
-from archive import queries
-from archive.db import CONNECTION_ERRORS
-from archive.errors import AccessRefused, ArchiveError, DatabaseUnavailable, UsageError, describe
-from config.settings import Settings, mask_url
-from replay import coverage, history, selection
-from replay.filters import Filters
-from replay.history import ReplayRecord, Target
-from replay.publisher import Publisher
-from replay.records import ExportFile, export_end_line, full_json, read_export_file
-from replay.runner import Counts, Job, Progress, ReplayStopped, execute
-from replay.selection import ArchivedMessage, Group
-from replay.tagging import Tag
+from rabbit_archive.archive import queries
+from rabbit_archive.archive.db import CONNECTION_ERRORS
+from rabbit_archive.archive.errors import (
+    AccessRefused,
+    ArchiveError,
+    DatabaseUnavailable,
+    UsageError,
+    describe,
+)
+from rabbit_archive.config.settings import Settings, mask_url
+from rabbit_archive.replay import coverage, history, selection
+from rabbit_archive.replay.filters import Filters
+from rabbit_archive.replay.history import ReplayRecord, Target
+from rabbit_archive.replay.publisher import Publisher
+from rabbit_archive.replay.records import ExportFile, export_end_line, full_json, read_export_file
+from rabbit_archive.replay.runner import Counts, Job, Progress, ReplayStopped, execute
+from rabbit_archive.replay.selection import ArchivedMessage, Group
+from rabbit_archive.replay.tagging import Tag
 
 SAMPLES = 5
 

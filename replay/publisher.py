@@ -12,11 +12,11 @@ import aiormq
 import aiormq.abc
 from pamqp import commands
 
-from archive import content_header, frames
-from archive.amqp_codec import CodecError, decode_properties
-from archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe, reply_text
-from config.settings import mask_url
-from replay.tagging import REPLAY_ARCHIVE_ID
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import CodecError, decode_properties
+from rabbit_archive.archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe, reply_text
+from rabbit_archive.config.settings import mask_url
+from rabbit_archive.replay.tagging import REPLAY_ARCHIVE_ID
 
 log = logging.getLogger("rabbit_archive.replay")
 

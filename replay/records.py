@@ -14,9 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from archive.amqp_codec import CodecError, decode_properties, typed_entries
-from archive.errors import ArchiveError, UsageError
-from replay.selection import ArchivedMessage, Group
+from rabbit_archive.archive.amqp_codec import CodecError, decode_properties, typed_entries
+from rabbit_archive.archive.errors import ArchiveError, UsageError
+from rabbit_archive.replay.selection import ArchivedMessage, Group
 
 # The key of the end-marker line; no message line has it.
 EXPORT_END = "rabbit_archive_export_end"

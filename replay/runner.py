@@ -17,17 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archive.amqp_codec import CodecError
-from archive.db import CONNECTION_ERRORS, Connection
-from archive.errors import ArchiveError, BrokerUnavailable, DatabaseUnavailable, UsageError, describe
-from archive.stopping import sleep_unless
-from replay import history, selection
-from replay.filters import Filters
-from replay.history import Target
-from replay.publisher import BROKER_ERRORS, Nacked, Publisher, Returned
-from replay.records import from_export_line
-from replay.selection import ArchivedMessage
-from replay.tagging import Tag, tagged_properties
+from rabbit_archive.archive.amqp_codec import CodecError
+from rabbit_archive.archive.db import CONNECTION_ERRORS, Connection
+from rabbit_archive.archive.errors import (
+    ArchiveError,
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    UsageError,
+    describe,
+)
+from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.replay import history, selection
+from rabbit_archive.replay.filters import Filters
+from rabbit_archive.replay.history import Target
+from rabbit_archive.replay.publisher import BROKER_ERRORS, Nacked, Publisher, Returned
+from rabbit_archive.replay.records import from_export_line
+from rabbit_archive.replay.selection import ArchivedMessage
+from rabbit_archive.replay.tagging import Tag, tagged_properties
 
 log = logging.getLogger("rabbit_archive.replay")
 

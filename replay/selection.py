@@ -15,9 +15,9 @@ from typing import Any
 
 import asyncpg
 
-from archive.db import Connection
-from archive.errors import UsageError
-from replay.filters import Filters, where_clause
+from rabbit_archive.archive.db import Connection
+from rabbit_archive.archive.errors import UsageError
+from rabbit_archive.replay.filters import Filters, where_clause
 
 # {where} is always replay.filters.where_clause's output: fixed fragments with $n values.
 _PAGE_IDS = "SELECT id, body_size FROM rabbit_archive.messages WHERE {where} ORDER BY id LIMIT {limit}"

@@ -8,7 +8,13 @@ replay of a replay carries one set), timestamps typed as AMQP timestamps, ids as
 import struct
 from dataclasses import dataclass
 
-from archive.amqp_codec import FieldValue, Table, decode_properties, encode_properties, encode_table
+from rabbit_archive.archive.amqp_codec import (
+    FieldValue,
+    Table,
+    decode_properties,
+    encode_properties,
+    encode_table,
+)
 
 REPLAY_ID = b"x-replay-id"
 REPLAY_ARCHIVE_ID = b"x-replay-archive-id"

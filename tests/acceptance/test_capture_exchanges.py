@@ -10,7 +10,7 @@ import httpx
 import pika
 import pytest
 
-from archive.amqp_codec import decode_properties
+from rabbit_archive.archive.amqp_codec import decode_properties
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for
 

@@ -10,8 +10,8 @@ from typing import Any
 import pika
 import pytest
 
-from archive.amqp_codec import decode_properties
-from archive.migrate import latest_version
+from rabbit_archive.archive.amqp_codec import decode_properties
+from rabbit_archive.archive.migrate import latest_version
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, command, wait_for
 

@@ -12,8 +12,14 @@ import aiormq
 import pika
 import pytest
 
-from archive import content_header, frames
-from archive.amqp_codec import Properties, Table, decode_properties, encode_properties, encode_table
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import (
+    Properties,
+    Table,
+    decode_properties,
+    encode_properties,
+    encode_table,
+)
 from tests.acceptance.test_replay import json_lines, ok, replay_command
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for

@@ -11,9 +11,9 @@ from urllib.parse import quote
 import pika
 import pytest
 
-from archive import content_header, frames
-from archive.amqp_codec import FieldValue, Properties, decode_properties, encode_properties
-from capture.firehose import LOST_HEADER, TRACE_EXCHANGE
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import FieldValue, Properties, decode_properties, encode_properties
+from rabbit_archive.capture.firehose import LOST_HEADER, TRACE_EXCHANGE
 from tests.acceptance.test_replay import ok, replay_command
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for

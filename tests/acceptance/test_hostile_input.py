@@ -10,7 +10,7 @@ from typing import Any
 import aiormq
 import pytest
 
-from archive.amqp_codec import FieldValue, Properties, Table, encode_properties
+from rabbit_archive.archive.amqp_codec import FieldValue, Properties, Table, encode_properties
 from tests.acceptance.test_replay import json_lines, ok, replay_command
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for

@@ -20,11 +20,11 @@ import httpx
 import pika
 import pytest
 
-from capture import discovery
-from capture.discovery import BindingKeeper, Channels
-from capture.management import ManagementApi, management_client
-from capture.metrics import CaptureMetrics
-from config.settings import Settings
+from rabbit_archive.capture import discovery
+from rabbit_archive.capture.discovery import BindingKeeper, Channels
+from rabbit_archive.capture.management import ManagementApi, management_client
+from rabbit_archive.capture.metrics import CaptureMetrics
+from rabbit_archive.config.settings import Settings
 from tests.acceptance.test_cli import assert_one_line_error, capture_command
 from tests.acceptance.test_replay import assert_one_line_error as assert_replay_error
 from tests.acceptance.test_replay import json_lines, ok, replay_command

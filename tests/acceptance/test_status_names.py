@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
-from archive.migrate import latest_version
+from rabbit_archive.archive.migrate import latest_version
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, command, wait_for
 

@@ -41,12 +41,12 @@ async def aio_pika_round_trip(url):
 
 async def main(url):
     baseline = await aio_pika_round_trip(url)
-    for package in ("archive", "capture", "config", "replay"):
+    for package in ("rabbit_archive",):
         module = importlib.import_module(package)
         for info in pkgutil.walk_packages(module.__path__, package + "."):
             if not info.name.endswith("__main__"):  # that one runs the command
                 importlib.import_module(info.name)
-    from archive import frames, content_header
+    from rabbit_archive.archive import frames, content_header
 
     # An archive connection that receives messages the archive's way (raw property bytes).
     connection = await frames.connect(url)

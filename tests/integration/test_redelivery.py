@@ -9,11 +9,11 @@ import aiormq.abc
 import pika
 import pytest
 
-from archive import content_header, frames
-from archive.db import create_pool
-from archive.migrate import apply_migrations
-from capture.batching import Delivery
-from capture.store import PostgresStore
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.db import create_pool
+from rabbit_archive.archive.migrate import apply_migrations
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.store import PostgresStore
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from archive.migrate import apply_migrations, latest_version, migrations, schema_version
+from rabbit_archive.archive.migrate import apply_migrations, latest_version, migrations, schema_version
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +92,7 @@ async def test_migrations_produce_the_canonical_schema(create_database: CreateDa
     finally:
         await connection.close()
 
-    schema_sql = resources.files("archive").joinpath("schema.sql").read_text("utf-8")
+    schema_sql = resources.files("rabbit_archive.archive").joinpath("schema.sql").read_text("utf-8")
     connection = await asyncpg.connect(canonical_url)
     try:
         await connection.execute(schema_sql)

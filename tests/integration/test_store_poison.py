@@ -5,10 +5,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from archive.amqp_codec import Properties, encode_properties
-from capture import store as store_module
-from capture.batching import Delivery
-from capture.store import PostgresStore
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
+from rabbit_archive.capture import store as store_module
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.store import PostgresStore
 from tests.integration.test_redelivery import store  # noqa: F401  (the migrated-store fixture)
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterable
 import asyncpg
 import pytest
 
-from replay.filters import Filters, topic_matches, topic_regex, where_clause
+from rabbit_archive.replay.filters import Filters, topic_matches, topic_regex, where_clause
 from tests.support.services import Services
 from tests.unit.test_filters import CORNER_CASES, reference
 

@@ -10,9 +10,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from archive.errors import DatabaseUnavailable
-from capture.batching import Delivery
-from capture.store import WriteResult, identify
+from rabbit_archive.archive.errors import DatabaseUnavailable
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.store import WriteResult, identify
 
 
 @dataclass

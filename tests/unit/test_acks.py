@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from archive.amqp_codec import Properties, encode_properties
-from archive.errors import DatabaseUnavailable
-from capture.acks import Acknowledger
-from capture.batching import Delivery
-from capture.store import identify
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
+from rabbit_archive.archive.errors import DatabaseUnavailable
+from rabbit_archive.capture.acks import Acknowledger
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.store import identify
 from tests.support.memory_store import MemoryStore
 
 VHOST = "v"

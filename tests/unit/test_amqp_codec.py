@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archive.amqp_codec import (
+from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
     FieldValue,

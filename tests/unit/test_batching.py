@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capture.batching import Batcher, Delivery
+from rabbit_archive.capture.batching import Batcher, Delivery
 
 OVERHEAD = 64  # what Delivery.size adds to body and properties
 

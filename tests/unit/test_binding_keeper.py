@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands
 
-from archive.amqp_codec import decode_table
-from capture.discovery import BindingKeeper, Channels
-from capture.metrics import CaptureMetrics
-from config.settings import Settings
+from rabbit_archive.archive.amqp_codec import decode_table
+from rabbit_archive.capture.discovery import BindingKeeper, Channels
+from rabbit_archive.capture.metrics import CaptureMetrics
+from rabbit_archive.config.settings import Settings
 
 VHOST = "v"
 

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 import pytest
 
-from capture.binding_plan import (
+from rabbit_archive.capture.binding_plan import (
     ArchiveBinding,
     BindingPlan,
     BoundExchange,

@@ -6,9 +6,9 @@ import json
 import pytest
 from pamqp import commands, exceptions, frame, header
 
-from archive import content_header, frames
-from archive.amqp_codec import Properties, decode_properties, encode_properties
-from archive.records import MESSAGE_COLUMNS, message_row
+from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import Properties, decode_properties, encode_properties
+from rabbit_archive.archive.records import MESSAGE_COLUMNS, message_row
 
 
 def deliver_frame(routing_key: bytes) -> bytes:

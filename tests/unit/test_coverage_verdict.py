@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replay.coverage import Event, coverage
+from rabbit_archive.replay.coverage import Event, coverage
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 

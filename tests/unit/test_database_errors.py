@@ -9,14 +9,14 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from archive.db import CONNECTION_ERRORS, database_error
-from archive.errors import AccessRefused, DatabaseRefused, DatabaseUnavailable
-from archive.migrate import apply_migrations, migrations, schema_version
-from archive.records import MESSAGE_COLUMNS
-from capture import daemon
-from capture.batching import Delivery
-from capture.health import Health
-from capture.store import PostgresStore
+from rabbit_archive.archive.db import CONNECTION_ERRORS, database_error
+from rabbit_archive.archive.errors import AccessRefused, DatabaseRefused, DatabaseUnavailable
+from rabbit_archive.archive.migrate import apply_migrations, migrations, schema_version
+from rabbit_archive.archive.records import MESSAGE_COLUMNS
+from rabbit_archive.capture import daemon
+from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.health import Health
+from rabbit_archive.capture.store import PostgresStore
 
 POISON = b"poison"
 _BODY = MESSAGE_COLUMNS.index("body")

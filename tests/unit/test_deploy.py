@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from config.settings import ENV_PREFIX, Settings
+from rabbit_archive.config.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -276,7 +276,10 @@ def test_dockerfile_build_stage_run_as_written_installs_working_commands(tmp_pat
                     else:
                         into = target / Path(name).name if destination.endswith("/") else target
                     into.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(ROOT / name, into)
+                    if (ROOT / name).is_symlink():  # as COPY does: the link itself
+                        into.symlink_to(os.readlink(ROOT / name))
+                    else:
+                        shutil.copy2(ROOT / name, into)
         elif keyword == "RUN":
             result = subprocess.run(
                 ["/bin/sh", "-c", arguments],

@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archive.amqp_codec import Properties, encode_properties
-from capture.events import event_vhost
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
+from rabbit_archive.capture.events import event_vhost
 
 
 @given(st.binary(max_size=300))

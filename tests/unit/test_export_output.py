@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from archive.errors import ArchiveError, UsageError
-from replay.operations import ExportFailed, export_file
+from rabbit_archive.archive.errors import ArchiveError, UsageError
+from rabbit_archive.replay.operations import ExportFailed, export_file
 
 
 def entries(directory: Path) -> list[str]:

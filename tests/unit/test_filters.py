@@ -9,8 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archive.errors import UsageError
-from replay.filters import Filters, build_filters, parse_time, topic_matches, topic_regex, where_clause
+from rabbit_archive.archive.errors import UsageError
+from rabbit_archive.replay.filters import (
+    Filters,
+    build_filters,
+    parse_time,
+    topic_matches,
+    topic_regex,
+    where_clause,
+)
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

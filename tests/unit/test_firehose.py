@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archive.amqp_codec import FieldValue, Properties, Table, decode_properties, encode_properties
-from capture.firehose import LOST_HEADER, TRACE_EXCHANGE, Traced, original_message
+from rabbit_archive.archive.amqp_codec import (
+    FieldValue,
+    Properties,
+    Table,
+    decode_properties,
+    encode_properties,
+)
+from rabbit_archive.capture.firehose import LOST_HEADER, TRACE_EXCHANGE, Traced, original_message
 
 FULL = Properties(
     content_type=b"application/json",

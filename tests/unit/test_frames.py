@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from pamqp import commands
 from pamqp import frame as pamqp_frame
 
-from archive import frames
-from archive.amqp_codec import decode_table
+from rabbit_archive.archive import frames
+from rabbit_archive.archive.amqp_codec import decode_table
 
 # The names pamqp accepts (its own check): what the comparison can cover.
 PAMQP_NAME = st.text(st.sampled_from("abcXYZ019-_.:@#,/+ "), max_size=127)

@@ -5,8 +5,8 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archive.amqp_codec import Properties, encode_properties
-from archive.records import clean_properties, fingerprint, without_empty_headers
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
+from rabbit_archive.archive.records import clean_properties, fingerprint, without_empty_headers
 
 short = st.one_of(st.none(), st.binary(max_size=20))
 properties = st.builds(

@@ -7,12 +7,12 @@ from typing import Any, cast
 
 import pytest
 
-from archive.errors import BrokerUnavailable, UsageError
-from replay import history, operations, runner
-from replay.history import Target
-from replay.publisher import Nacked, Returned
-from replay.runner import ConfirmWindow, Counts, _unless_stopped
-from replay.tagging import Tag
+from rabbit_archive.archive.errors import BrokerUnavailable, UsageError
+from rabbit_archive.replay import history, operations, runner
+from rabbit_archive.replay.history import Target
+from rabbit_archive.replay.publisher import Nacked, Returned
+from rabbit_archive.replay.runner import ConfirmWindow, Counts, _unless_stopped
+from rabbit_archive.replay.tagging import Tag
 from tests.unit.test_replay_logic import Publishes, archived, settled, wait_briefly
 
 

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from archive.errors import UsageError
-from replay.filters import Filters, build_filters, where_clause
-from replay.records import EXPORT_END, export_end_line, from_export_line, full_json, read_export_file
-from replay.selection import ArchivedMessage
+from rabbit_archive.archive.errors import UsageError
+from rabbit_archive.replay.filters import Filters, build_filters, where_clause
+from rabbit_archive.replay.records import (
+    EXPORT_END,
+    export_end_line,
+    from_export_line,
+    full_json,
+    read_export_file,
+)
+from rabbit_archive.replay.selection import ArchivedMessage
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp import header
 
-from archive.amqp_codec import (
+from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
     FieldValue,
@@ -25,15 +25,15 @@ from archive.amqp_codec import (
     encode_properties,
     encode_table,
 )
-from archive.errors import BrokerUnavailable, UsageError
-from archive.frames import RawProperties
-from replay.history import Target
-from replay.publisher import Nacked
-from replay.records import from_export_line as read_line
-from replay.records import full_json, summary_json
-from replay.runner import ConfirmWindow, Counts, Pacer, destination
-from replay.selection import ArchivedMessage
-from replay.tagging import (
+from rabbit_archive.archive.errors import BrokerUnavailable, UsageError
+from rabbit_archive.archive.frames import RawProperties
+from rabbit_archive.replay.history import Target
+from rabbit_archive.replay.publisher import Nacked
+from rabbit_archive.replay.records import from_export_line as read_line
+from rabbit_archive.replay.records import full_json, summary_json
+from rabbit_archive.replay.runner import ConfirmWindow, Counts, Pacer, destination
+from rabbit_archive.replay.selection import ArchivedMessage
+from rabbit_archive.replay.tagging import (
     ORIGINAL_CAPTURED_AT,
     ORIGINAL_EXCHANGE,
     ORIGINAL_ROUTING_KEY,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from config.durations import parse_duration
-from config.settings import ConfigError, Settings, load_settings, mask_url
+from rabbit_archive.config.durations import parse_duration
+from rabbit_archive.config.settings import ConfigError, Settings, load_settings, mask_url
 
 PREFIX = "RABBIT_ARCHIVE_"
 
@@ -511,7 +511,7 @@ def test_allow_plaintext_management_password_defaults_to_false(monkeypatch: pyte
 
 
 def test_a_queue_name_longer_than_amqp_allows_in_bytes_is_refused() -> None:
-    from config.settings import Settings
+    from rabbit_archive.config.settings import Settings
 
     assert Settings(_env_file=None, queue="ж" * 123).queue == "ж" * 123  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="247 bytes"):
@@ -519,8 +519,8 @@ def test_a_queue_name_longer_than_amqp_allows_in_bytes_is_refused() -> None:
 
 
 def test_urls_may_name_several_hosts_as_libpq_urls_do() -> None:
-    from config.settings import Settings, mask_url
-    from config.urls import host_of, join_hosts, split_hosts
+    from rabbit_archive.config.settings import Settings, mask_url
+    from rabbit_archive.config.urls import host_of, join_hosts, split_hosts
 
     url = "amqp://u:s3cret@h1:5672,h2:5673,[::1]:5674/v%2F1"
     parts = split_hosts(url)

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capture.binding_plan import BindingPlan, BoundExchange, Skipped
-from capture.cli import _print_status, shown
-from capture.status import exchange_states
+from rabbit_archive.capture.binding_plan import BindingPlan, BoundExchange, Skipped
+from rabbit_archive.capture.cli import _print_status, shown
+from rabbit_archive.capture.status import exchange_states
 
 # Names as a broker may hold them: any text, and bytes that are not UTF-8 (surrogate-escaped).
 NAMES = st.text(max_size=40) | st.binary(max_size=40).map(lambda raw: raw.decode("utf-8", "surrogateescape"))
