@@ -226,7 +226,11 @@ def tracked_files() -> list[str]:
         capture_output=True,
         check=True,
     )
-    return [name for name in result.stdout.decode().split("\0") if name and (ROOT / name).is_file()]
+    return [
+        name
+        for name in result.stdout.decode().split("\0")
+        if name and ((ROOT / name).is_file() or (ROOT / name).is_symlink())
+    ]
 
 
 @pytest.mark.acceptance
