@@ -177,11 +177,11 @@ BINDING_STATE_EXISTS = "SELECT to_regclass('rabbit_archive.binding_state') IS NO
 
 # --- coverage (what the archive does not hold, over time) ---------------------------------
 
-# Append coverage events: arrays of vhosts, exchanges (NULL for the vhost), events, reasons
-# and message counts (NULL where not counted), one statement.
+# Append coverage events: arrays of vhosts, exchanges (NULL for the vhost), events, reasons,
+# message counts (NULL where not counted) and times, one statement.
 RECORD_COVERAGE = """
-INSERT INTO rabbit_archive.coverage_events (vhost, exchange, event, reason, messages)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+INSERT INTO rabbit_archive.coverage_events (vhost, exchange, event, reason, messages, at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[])
 """
 
 # The newest recorded state of each exchange of a vhost (dropped counts are not states).
@@ -220,8 +220,11 @@ WHERE e.at < $1
             = (e.event IN ('source', 'unavailable', 'available'))))
 """
 
-# Whether coverage_events exists (schema version 6 or later).
-COVERAGE_EXISTS = "SELECT to_regclass('rabbit_archive.coverage_events') IS NOT NULL"
+# Whether coverage_events exists (schema version 6 or later) and the user may read it.
+COVERAGE_EXISTS = """
+SELECT CASE WHEN to_regclass('rabbit_archive.coverage_events') IS NULL THEN false
+            ELSE has_table_privilege('rabbit_archive.coverage_events', 'SELECT') END
+"""
 
 # For `status`: messages dropped in the last hour per vhost and exchange, and vhosts whose
 # newest state is 'unavailable' ($1 the vhosts).

@@ -67,7 +67,7 @@ def migrate() -> None:
 
 @app.command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object.")] = False,
 ) -> None:
     """Show bindings, skipped exchanges, queue depth, rows stored and the newest capture.
 
@@ -184,9 +184,9 @@ def _print_status(report: dict[str, Any]) -> None:
 @app.command()
 def prune(
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Age like 30d or 12h; older days are dropped.")
+        str, typer.Option("--older-than", metavar="TEXT", help="Age like 30d or 12h; older days are dropped.")
     ],
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", metavar="", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Drop archived messages older than the given age (whole days)."""
     try:

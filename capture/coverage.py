@@ -12,7 +12,8 @@ write that fails is kept (bounded) and tried again.
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -40,6 +41,8 @@ class CoverageEvent:
     event: str
     reason: str = ""
     messages: int | None = None
+    # When it happened, not when it was written (rows are written in batches).
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 def state_changes(
@@ -144,6 +147,7 @@ class CoverageLog:
                 [event.event for event in events],
                 [storable_text(event.reason) for event in events],
                 [event.messages for event in events],
+                [event.at for event in events],
             )
         except DATABASE_ERRORS as error:
             log.info("coverage_not_recorded", extra={"events": len(events), "error": describe(error)})

@@ -223,6 +223,8 @@ class BindingKeeper:
         """Coverage history, and the broker's rates of what the archive does not capture."""
         if self.coverage is not None:
             await self.coverage.exchange_states(vhost, states)
+            # Written at once: a replay's verdict right after a binding must already see it.
+            await self.coverage.flush()
         rates = uncaptured_rates(self._listed.get(vhost, []), states)
         gauge = self._metrics.uncaptured_rate
         for exchange, reason, rate in rates:

@@ -35,29 +35,50 @@ settings_or_exit = COMMAND_LINE.settings
 run_async = COMMAND_LINE.run_async
 FIND_TABLE_LIMIT = 100
 
-# The FILTERS of PRODUCT.md, declared once and shared by find, run and export.
-ExchangeOpt = Annotated[list[str] | None, typer.Option("--exchange", help="Exchange name (repeatable).")]
+# The FILTERS (README "Replaying"), declared once and shared by find, run, export and coverage.
+ExchangeOpt = Annotated[
+    list[str] | None, typer.Option("--exchange", metavar="TEXT", help="Exchange name (repeatable).")
+]
 RoutingKeyOpt = Annotated[
-    str | None, typer.Option("--routing-key", help="AMQP topic pattern: * one word, # zero or more.")
+    str | None,
+    typer.Option("--routing-key", metavar="TEXT", help="AMQP topic pattern: * one word, # zero or more."),
 ]
-SinceOpt = Annotated[str | None, typer.Option("--since", help="ISO 8601 (naive is UTC) or a duration: 15m.")]
-UntilOpt = Annotated[str | None, typer.Option("--until", help="ISO 8601 or a duration back from now.")]
-FromIdOpt = Annotated[int | None, typer.Option("--from-id", help="First archive id (inclusive).")]
-ToIdOpt = Annotated[int | None, typer.Option("--to-id", help="Last archive id (inclusive).")]
-HeaderOpt = Annotated[list[str] | None, typer.Option("--header", help="KEY=VALUE header match (repeatable).")]
-MessageIdOpt = Annotated[str | None, typer.Option("--message-id", help="The message_id property.")]
+SinceOpt = Annotated[
+    str | None, typer.Option("--since", metavar="TEXT", help="ISO 8601 (naive is UTC) or a duration: 15m.")
+]
+UntilOpt = Annotated[
+    str | None, typer.Option("--until", metavar="TEXT", help="ISO 8601 or a duration back from now.")
+]
+FromIdOpt = Annotated[
+    int | None, typer.Option("--from-id", metavar="INTEGER", help="First archive id (inclusive).")
+]
+ToIdOpt = Annotated[
+    int | None, typer.Option("--to-id", metavar="INTEGER", help="Last archive id (inclusive).")
+]
+HeaderOpt = Annotated[
+    list[str] | None, typer.Option("--header", metavar="TEXT", help="KEY=VALUE header match (repeatable).")
+]
+MessageIdOpt = Annotated[
+    str | None, typer.Option("--message-id", metavar="TEXT", help="The message_id property.")
+]
 CorrelationIdOpt = Annotated[
-    str | None, typer.Option("--correlation-id", help="The correlation_id property.")
+    str | None, typer.Option("--correlation-id", metavar="TEXT", help="The correlation_id property.")
 ]
-BodyContainsOpt = Annotated[str | None, typer.Option("--body-contains", help="Literal text in the body.")]
+BodyContainsOpt = Annotated[
+    str | None, typer.Option("--body-contains", metavar="TEXT", help="Literal text in the body.")
+]
 BodyJsonOpt = Annotated[
-    list[str] | None, typer.Option("--body-json", help="PATH=VALUE in JSON bodies, dotted path (repeatable).")
+    list[str] | None,
+    typer.Option("--body-json", metavar="TEXT", help="PATH=VALUE in JSON bodies, dotted path (repeatable)."),
 ]
-VhostOpt = Annotated[list[str] | None, typer.Option("--vhost", help="Captured in this vhost (repeatable).")]
+VhostOpt = Annotated[
+    list[str] | None, typer.Option("--vhost", metavar="TEXT", help="Captured in this vhost (repeatable).")
+]
 IncludeReplaysOpt = Annotated[
-    bool, typer.Option("--include-replays", help="Also select messages that were themselves replays.")
+    bool,
+    typer.Option("--include-replays", metavar="", help="Also select messages that were themselves replays."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="One JSON object per line.")]
 
 
 def _console() -> Any:
@@ -120,12 +141,15 @@ def find(
     limit: Annotated[
         int | None,
         typer.Option(
-            "--limit", min=0, help=f"At most N messages (table default {FIND_TABLE_LIMIT}; 0: all)."
+            "--limit",
+            metavar="INTEGER",
+            min=0,
+            help=f"At most N messages (table default {FIND_TABLE_LIMIT}; 0: all).",
         ),
     ] = None,
     as_json: JsonOpt = False,
     count: Annotated[
-        bool, typer.Option("--count", help="Print only the number of matching messages.")
+        bool, typer.Option("--count", metavar="", help="Print only the number of matching messages.")
     ] = False,
 ) -> None:
     """List archived messages that match the filters, oldest first."""
@@ -255,7 +279,7 @@ def coverage_lines(verdict: Any) -> list[str]:
 @app.command()
 def show(
     archive_id: Annotated[str, typer.Argument(metavar="ID", help="Archive id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object.")] = False,
 ) -> None:
     """Show one archived message in full: properties, typed headers and body."""
     if not archive_id.isdigit():
@@ -353,9 +377,13 @@ def export(
     include_replays: IncludeReplaysOpt = False,
     output: Annotated[
         Path | None,
-        typer.Option("--output", help="Write to FILE (a new file, mode 0600) instead of standard output."),
+        typer.Option(
+            "--output",
+            metavar="FILE",
+            help="Write to FILE (a new file, mode 0600) instead of standard output.",
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace FILE if it exists.")] = False,
 ) -> None:
     """Write matching messages as JSON Lines, byte for byte, for 'run --from-file' elsewhere."""
     filters = _filters(locals())
@@ -455,7 +483,13 @@ def _print_preview(preview: Preview, target: Target, dry_run: bool) -> None:
         print("no archived message matches: nothing to replay", file=sys.stderr)
         return
     verb = "would replay" if dry_run else "replaying"
-    print(f"{verb} {preview.selected} messages{size} to {where}", file=sys.stdout if dry_run else sys.stderr)
+    out = sys.stdout if dry_run else sys.stderr
+    print(f"{verb} {preview.selected} messages{size} to {where}", file=out)
+    if preview.coverage is not None:
+        for line in coverage_lines(preview.coverage):
+            print(printable(line), file=out)
+    elif preview.groups and not preview.from_file:
+        print(f"coverage: not known: {operations.NO_HISTORY}", file=out)
     if not dry_run:
         return
     print("by vhost, exchange and routing key:")
@@ -548,30 +582,56 @@ def run(
     body_json: BodyJsonOpt = None,
     vhost: VhostOpt = None,
     include_replays: IncludeReplaysOpt = False,
-    select_all: Annotated[bool, typer.Option("--all", help="Replay the whole archive (no filter).")] = False,
+    select_all: Annotated[
+        bool, typer.Option("--all", metavar="", help="Replay the whole archive (no filter).")
+    ] = False,
     to_exchange: Annotated[
-        str | None, typer.Option("--to-exchange", help="Publish to this exchange, original routing keys.")
+        str | None,
+        typer.Option(
+            "--to-exchange", metavar="TEXT", help="Publish to this exchange, original routing keys."
+        ),
     ] = None,
     to_queue: Annotated[
-        str | None, typer.Option("--to-queue", help="Publish straight into this queue (default exchange).")
+        str | None,
+        typer.Option(
+            "--to-queue", metavar="TEXT", help="Publish straight into this queue (default exchange)."
+        ),
     ] = None,
-    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Messages per second.")] = None,
+    rate: Annotated[
+        float | None, typer.Option("--rate", metavar="NUMBER", min=0.001, help="Messages per second.")
+    ] = None,
     max_queue_depth: Annotated[
-        int | None, typer.Option("--max-queue-depth", min=0, help="Pause while the --to-queue holds more.")
+        int | None,
+        typer.Option(
+            "--max-queue-depth",
+            metavar="INTEGER",
+            min=0,
+            help=(
+                "Pause while the --to-queue holds more than N messages, ready plus delivered and not yet"
+                " acknowledged (the latter from the management API, when it answers). 0 and 1 both"
+                " mean one message at a time, each once the queue is empty."
+            ),
+        ),
     ] = None,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Why; kept in history and x-replay-reason.")
+        str | None, typer.Option("--reason", metavar="TEXT", help="Why; kept in history and x-replay-reason.")
     ] = None,
-    operator: Annotated[str | None, typer.Option("--operator", help="Who (default: the login name).")] = None,
+    operator: Annotated[
+        str | None, typer.Option("--operator", metavar="TEXT", help="Who (default: the login name).")
+    ] = None,
     new_message_id: Annotated[
-        bool, typer.Option("--new-message-id", help="Fresh message ids; the old one goes in x-replay-of.")
+        bool,
+        typer.Option(
+            "--new-message-id", metavar="", help="Fresh message ids; the old one goes in x-replay-of."
+        ),
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show what would be replayed; publish nothing.")
+        bool, typer.Option("--dry-run", metavar="", help="Show what would be replayed; publish nothing.")
     ] = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", metavar="", help="Do not ask for confirmation.")] = False,
     from_file: Annotated[
-        Path | None, typer.Option("--from-file", help="Republish the messages of an 'export' file.")
+        Path | None,
+        typer.Option("--from-file", metavar="FILE", help="Republish the messages of an 'export' file."),
     ] = None,
 ) -> None:
     """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
@@ -617,8 +677,10 @@ def run(
 @app.command()
 def resume(
     replay_id: Annotated[str, typer.Argument(metavar="REPLAY_ID", help="As 'history' lists it.")],
-    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Messages per second.")] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    rate: Annotated[
+        float | None, typer.Option("--rate", metavar="NUMBER", min=0.001, help="Messages per second.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", metavar="", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Continue an interrupted replay after its last confirmed message, with the same replay id."""
     if "\x00" in replay_id:

@@ -5,21 +5,25 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import os
 import secrets
 import signal
 import stat
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
 
 import asyncpg
+import httpx
 
 from rabbit_archive.archive import queries
-from rabbit_archive.archive.db import CONNECTION_ERRORS
+from rabbit_archive.archive.db import CONNECTION_ERRORS, Connection
 from rabbit_archive.archive.errors import (
     AccessRefused,
     ArchiveError,
@@ -36,6 +40,8 @@ from rabbit_archive.replay.records import ExportFile, export_end_line, full_json
 from rabbit_archive.replay.runner import Counts, Job, Progress, ReplayStopped, execute
 from rabbit_archive.replay.selection import ArchivedMessage, Group
 from rabbit_archive.replay.tagging import Tag
+
+log = logging.getLogger("rabbit_archive.replay")
 
 SAMPLES = 5
 
@@ -266,21 +272,68 @@ async def count(settings: Settings, filters: Filters) -> int:
         return await selection.count(connection, filters)
 
 
+def unacknowledged_reader(settings: Settings, vhost: str) -> "Callable[[str], Awaitable[int | None]]":
+    """Reads a queue's unacknowledged count from the management API (None when unavailable:
+    the replay then counts ready messages only and says so once)."""
+    warned: list[bool] = []
+
+    async def read(queue: str) -> int | None:
+        path = f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+        for base in settings.management_bases:
+            try:
+                async with httpx.AsyncClient(auth=settings.management_auth, timeout=5) as client:
+                    response = await client.get(base + path)
+                if response.status_code == 200:
+                    value = response.json().get("messages_unacknowledged")
+                    return value if isinstance(value, int) else 0
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+        if not warned:
+            warned.append(True)
+            log.warning(
+                "unacknowledged_unknown",
+                extra={
+                    "queue": queue,
+                    "effect": "--max-queue-depth counts ready messages only (no management API answer)",
+                },
+            )
+        return None
+
+    return read
+
+
+NO_HISTORY = (
+    "no coverage history to read (a schema older than version 6, or no SELECT on "
+    "rabbit_archive.coverage_events: see 'Least privilege' in README.md)"
+)
+
+
 async def coverage_verdict(settings: Settings, filters: Filters) -> coverage.Verdict:
     """Whether the archive holds every message of the filters' window and exchanges (per
     exchange: captured intervals and gaps), from the daemon's coverage history."""
     async with archive_connection(settings) as connection:
-        now = await connection.fetchval("SELECT now()")
-        start = filters.since or await connection.fetchval(queries.OLDEST_CAPTURE) or now
-        end = min(filters.until or now, now)
-        rows = []
-        if await connection.fetchval(queries.COVERAGE_EXISTS):
-            rows = await connection.fetch(queries.COVERAGE_EVENTS, start, end)
+        verdict = await _verdict(connection, filters, await connection.fetchval(queries.OLDEST_CAPTURE))
+    if verdict is None:
+        raise ArchiveError(NO_HISTORY)
+    return verdict
+
+
+async def _verdict(
+    connection: Connection, filters: Filters, start: datetime | None
+) -> coverage.Verdict | None:
+    """The coverage verdict of the filters' exchanges, from --since (else `start`) until --until or
+    now; None when there is no coverage history the user may read."""
+    if not await connection.fetchval(queries.COVERAGE_EXISTS):
+        return None
+    now = await connection.fetchval("SELECT now()")
+    begin = filters.since or start or now
+    end = min(filters.until or now, now)
+    rows = await connection.fetch(queries.COVERAGE_EVENTS, begin, end)
     events = [
         coverage.Event(row["at"], row["vhost"], row["exchange"], row["event"], row["reason"], row["messages"])
         for row in rows
     ]
-    return coverage.coverage(events, start, end, exchanges=filters.exchanges, vhosts=filters.vhosts)
+    return coverage.coverage(events, begin, end, exchanges=filters.exchanges, vhosts=filters.vhosts)
 
 
 async def show(settings: Settings, archive_id: int) -> ArchivedMessage:
@@ -319,6 +372,8 @@ class Preview:
     groups: list[Group] = field(default_factory=list)
     samples: list[ArchivedMessage] = field(default_factory=list)
     vhost: str = ""
+    coverage: "coverage.Verdict | None" = None
+    from_file: bool = False
 
 
 @dataclass
@@ -389,16 +444,29 @@ async def _preview(
 ) -> Preview:
     if checked is not None:
         return Preview(
-            selected=checked.messages, bytes=checked.bytes, groups=checked.groups, samples=checked.samples
+            selected=checked.messages,
+            bytes=checked.bytes,
+            groups=checked.groups,
+            samples=checked.samples,
+            from_file=True,
         )
     assert request.filters is not None
     groups = await selection.breakdown(connection, request.filters)
     samples = [m async for m in selection.messages(connection, request.filters, limit=SAMPLES)]
+    # The coverage verdict of the selection's exchanges over its window (first message onwards):
+    # nobody replays a slice with a hole in it without being told.
+    exchanges = request.filters.exchanges or tuple(sorted({group.exchange for group in groups}))
+    verdict = await _verdict(
+        connection,
+        replace(request.filters, exchanges=exchanges),
+        samples[0].captured_at if samples else None,
+    )
     return Preview(
         selected=sum(group.messages for group in groups),
         bytes=sum(group.bytes for group in groups),
         groups=groups,
         samples=samples,
+        coverage=verdict,
     )
 
 
@@ -505,14 +573,14 @@ async def run(
             await check_privileges(connection, WRITE_HISTORY)
         if preview.selected == 0 or request.dry_run:
             if not request.dry_run:
-                publisher = Publisher(url, vhost)
+                publisher = Publisher(url, vhost, unacknowledged_reader(settings, vhost))
                 await publisher.connect()
                 try:
                     await _check_target(publisher, request.target, preview.groups)
                 finally:
                     await publisher.close()
             return None
-        publisher = Publisher(url, vhost)
+        publisher = Publisher(url, vhost, unacknowledged_reader(settings, vhost))
         await publisher.connect()
         try:
             await _check_target(publisher, request.target, preview.groups)
@@ -594,7 +662,7 @@ async def resume(
         filters = None if file else Filters.from_json({**record.filters, "upto_id": record.upto_id})
         vhost = options.get("vhost") or settings.amqp_vhost
         url = settings.amqp_url if vhost == settings.amqp_vhost else settings.amqp_url_for(vhost)
-        publisher = Publisher(url, vhost)
+        publisher = Publisher(url, vhost, unacknowledged_reader(settings, vhost))
         await publisher.connect()
         try:
             groups = await selection.breakdown(connection, filters) if filters and not target.queue else []

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import re
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -49,9 +50,15 @@ class Returned(Exception):
 class Publisher:
     """One AMQP connection with a confirm channel for publishing and a channel for passive checks."""
 
-    def __init__(self, url: str, vhost: str) -> None:
+    def __init__(
+        self, url: str, vhost: str, unacknowledged: "Callable[[str], Awaitable[int | None]] | None" = None
+    ) -> None:
         self._url = url
         self._vhost = vhost
+        # Messages delivered to the target queue's consumers but not yet acknowledged (from the
+        # management API): --max-queue-depth counts them, or a consumer with a large prefetch
+        # would hold thousands while the queue reads empty.
+        self._unacknowledged = unacknowledged
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.Channel | None = None
         self._probe: aiormq.abc.AbstractChannel | None = None
@@ -165,7 +172,10 @@ class Publisher:
                 f"queue {queue!r} does not exist in vhost {self._vhost!r}: check --to-queue, or declare "
                 "the queue (its consumer usually does) and run again"
             ) from None
-        return int(declared.message_count or 0)
+        ready = int(declared.message_count or 0)
+        if self._unacknowledged is None:
+            return ready
+        return ready + (await self._unacknowledged(queue) or 0)
 
     async def check_exchange(self, exchange: str, hint: str) -> None:
         """UsageError when the exchange does not exist (the default exchange always does)."""

@@ -1,4 +1,4 @@
-"""The replay headers: an archived message's exact property bytes plus the tags of PRODUCT.md.
+"""The replay headers: an archived message's exact property bytes plus the replay tags (README "Replaying").
 
 Pure logic. Every original property and header keeps its bytes and AMQP type; the tags
 are appended to the header table (replacing earlier tags of the same name, so that a

@@ -197,5 +197,26 @@ def test_an_exchange_declared_later_and_drops_are_in_the_coverage_history(
     dropped_gaps = [gap for gap in verdict["gaps"] if gap["reason"].startswith("dropped")]
     assert sum(gap["messages"] for gap in dropped_gaps) == dropped()
     assert [item["exchange"] for item in verdict["captured"]] == ["late"]
+    # The dry run (and the confirmation prompt, printed before it) tells the same.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
+    dry_run = subprocess.run(
+        [
+            command("rabbit-replay"),
+            "run",
+            "--exchange",
+            "late",
+            "--since",
+            window_start.isoformat(),
+            "--dry-run",
+        ],
+        env={**clean, **capture_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert "coverage: INCOMPLETE" in dry_run.stdout
+    assert "dropped: QUEUE_MAX_BYTES reached" in dry_run.stdout
     assert daemon.process is not None
     assert daemon.process.poll() is None

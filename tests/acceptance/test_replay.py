@@ -348,10 +348,11 @@ def test_progress_shows_on_a_terminal_and_stays_quiet_in_a_pipe(archive: Archive
     publish_sample(archive)
     piped = archive.replay("run", "--exchange", "orders", "--to-queue", "target", "--yes")
     ok(piped)
-    # One line saying what is replayed, and no progress output.
-    assert piped.stderr.splitlines() == [
-        f"replaying 9 messages (554 bytes) to queue:target in vhost {archive_vhost(archive)!r}"
-    ]
+    # One line saying what is replayed, one with the coverage verdict, and no progress output.
+    lines = piped.stderr.splitlines()
+    assert lines[0] == f"replaying 9 messages (554 bytes) to queue:target in vhost {archive_vhost(archive)!r}"
+    assert lines[1].startswith("coverage: complete for 1 exchange(s), ")
+    assert len(lines) == 2
     master, terminal = pty.openpty()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
     process = subprocess.Popen(
