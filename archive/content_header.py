@@ -72,12 +72,6 @@ class _Reader:
         self.position += 1
         return value
 
-    def longstr(self) -> str:
-        (length,) = struct.unpack_from(">I", self.data, self.position)
-        start = self.position + 4
-        self.position = start + length
-        return self.data[start : self.position].decode("utf-8", "surrogateescape")
-
 
 def _method(payload: bytes) -> Any:
     """basic.deliver, basic.return and basic.get-ok with names kept as surrogate-escaped text."""

@@ -22,7 +22,7 @@ from pamqp import base, commands, header
 
 from rabbit_archive.archive import content_header
 from rabbit_archive.archive.amqp_codec import CodecError, FieldValue, Table, encode_table
-from rabbit_archive.config.urls import split_hosts
+from rabbit_archive.config.urls import host_of, split_hosts
 
 _SHORT = struct.Struct(">H")
 _EMPTY_TABLE = b"\x00\x00\x00\x00"
@@ -419,4 +419,4 @@ async def connect(url: str, vhost: str | None = None, **kwargs: Any) -> aiormq.a
 def node_of(connection: aiormq.abc.AbstractConnection) -> str:
     """`host:port` of the node a connection is open to."""
     url = getattr(connection, "url", None)
-    return f"{url.host}:{url.port}" if url is not None else "?"
+    return host_of(str(url)) if url is not None else "?"

@@ -535,20 +535,12 @@ class _ChannelAcks:
 
     async def ack(self, delivery_tag: int) -> None:
         """basic.ack multiple=True."""
-        try:
-            await self._channel.basic_ack(delivery_tag, multiple=True)
-        except Exception as error:
-            raise self._lost(error) from None
+        await self._channel.basic_ack(delivery_tag, multiple=True)
 
     async def fence(self) -> None:
-        """basic.qos with the same prefetch: a round trip that changes nothing."""
-        try:
-            await self._channel.basic_qos(prefetch_count=self._prefetch)
-        except Exception as error:
-            raise self._lost(error) from None
+        """basic.qos with the same prefetch: a round trip that changes nothing.
 
-    def _lost(self, error: Exception) -> Exception:
-        # aiormq fails a request pending when the connection drops with a bare Exception.
-        if isinstance(error, BROKER_ERRORS) or not self._channel.is_closed:
-            return error
-        return BrokerUnavailable(f"channel lost while waiting for the broker: {describe(error)}")
+        A connection lost while it waits fails it with a bare Exception; _session turns
+        that into BrokerUnavailable for every request of the session alike.
+        """
+        await self._channel.basic_qos(prefetch_count=self._prefetch)
