@@ -41,3 +41,4 @@ def test_a_fresh_install_puts_exactly_one_top_level_package(tmp_path: Path) -> N
     assert "rabbit_archive/archive/schema.sql" in installed
     assert any(name.startswith("rabbit_archive/archive/migrations/0001_") for name in installed)
     assert "rabbit_archive/capture/cli.py" in installed
+    assert "rabbit_archive/inbox/__init__.py" in installed  # the consumer kit, for applications
