@@ -416,6 +416,14 @@ async def connect(url: str, vhost: str | None = None, **kwargs: Any) -> aiormq.a
     raise error
 
 
+def move_on(url: str) -> None:
+    """The node that answered last for url went away: the next connect starts with the one after it
+    (and tries that node last)."""
+    hosts = len(split_hosts(url))
+    if hosts > 1:
+        _last_good[url] = (_last_good.get(url, 0) + 1) % hosts
+
+
 def node_of(connection: aiormq.abc.AbstractConnection) -> str:
     """`host:port` of the node a connection is open to."""
     url = getattr(connection, "url", None)

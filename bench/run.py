@@ -2,8 +2,9 @@
 
 One run, in this order: a plain consumer draining N messages; `rabbit-capture run` draining the same
 N messages, then a steady publish load with capture latency; a plain confirming publisher of N
-messages; `rabbit-replay run` of the N archived messages into a fresh queue. Two fresh vhosts and a
-fresh database are used and deleted at the end, whatever happens. Run: scripts/bench --quick
+messages; `rabbit-replay run` of the N archived messages into a fresh queue; a consumer applying each
+message in a PostgreSQL transaction with and without rabbit_archive.inbox (bench/inbox.py). Two fresh
+vhosts and a fresh database are used and deleted at the end, whatever happens. Run: scripts/bench --quick
 """
 
 import argparse
@@ -23,7 +24,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import baseline, capture, replay
+from bench import baseline, capture, inbox, replay
 from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, log
 
 QUICK_MESSAGES = 20_000
@@ -35,6 +36,8 @@ DRAIN_RATIO_TARGET = 0.8
 P99_TARGET_MS = 250
 REPLAY_RATIO_TARGET = 0.8
 RSS_TARGET_MB = 200
+# Issue 16's target.
+INBOX_RATIO_TARGET = 0.8
 
 
 def git_state() -> dict[str, Any]:
@@ -76,6 +79,7 @@ async def measure(
             )
             publisher = await baseline.publisher(vhosts["baseline"], sizes)
             replayed = await replay.run(vhosts["capture"], database_url, sizes, analyze, output)
+            inboxed = await inbox.run(vhosts["baseline"], database_url, sizes)
         finally:
             for vhost in vhosts.values():
                 try:
@@ -93,6 +97,7 @@ async def measure(
         "baseline": {"consumer": consumer, "publisher": publisher},
         "capture": captured,
         "replay": replayed,
+        "inbox": inboxed,
     }
 
 
@@ -110,6 +115,7 @@ def show(result: dict[str, Any]) -> None:
     """Print the results as one table: phase, measure, value, target."""
     consumer, publisher = result["baseline"]["consumer"], result["baseline"]["publisher"]
     drain, steady, replayed = result["capture"]["drain"], result["capture"]["steady"], result["replay"]
+    inboxed = result["inbox"]
     table = Table(
         title=f"rabbit-archive benchmark: {result['messages']:,} messages of {result['body_size']:,} bytes, "
         f"commit {result['commit']}{' (dirty)' if result['dirty'] else ''}"
@@ -144,6 +150,13 @@ def show(result: dict[str, Any]) -> None:
         ("", "CPU s / 10k msgs", f"{replayed['cpu_s_per_10k_msgs']:.2f}", ""),
         ("", "archive analyzed by PostgreSQL (before / after)",
          f"{yes_no(replayed['archive_analyzed_before'])} / {yes_no(replayed['archive_analyzed_after'])}", ""),
+        ("inbox", f"consumer + INSERT, msg/s ({inboxed['messages']:,} msgs in {inboxed['rounds']} rounds)",
+         f"{inboxed['plain_msg_per_s']:,.0f}", ""),
+        ("", "the same with rabbit_archive.inbox, msg/s", f"{inboxed['inbox_msg_per_s']:,.0f}", ""),
+        ("", "inbox ÷ without", f"{inboxed['ratio']:.2f}",
+         f"≥ {INBOX_RATIO_TARGET}: {verdict(inboxed['ratio'] >= INBOX_RATIO_TARGET)}"),
+        ("", "inbox ÷ without, median of rounds", f"{inboxed['ratio_median_of_rounds']:.2f}", ""),
+        ("", "inbox with digest keys ÷ without", f"{inboxed['digest_ratio']:.2f}", ""),
     ]  # fmt: skip
     for row in rows:
         table.add_row(*row)

@@ -17,11 +17,13 @@ from rabbit_archive.archive import content_header, frames
 from rabbit_archive.archive.amqp_codec import CodecError, decode_properties
 from rabbit_archive.archive.errors import AccessRefused, BrokerUnavailable, UsageError, describe, reply_text
 from rabbit_archive.config.settings import mask_url
+from rabbit_archive.config.urls import split_hosts
 from rabbit_archive.replay.tagging import REPLAY_ARCHIVE_ID
 
 log = logging.getLogger("rabbit_archive.replay")
 
-# Errors that mean the broker connection is gone; the replay stops and can be resumed.
+# Errors that mean the broker connection is gone: with several hosts in AMQP_URL the replay goes
+# on with another node (replay.runner), else it stops and can be resumed.
 BROKER_ERRORS: tuple[type[Exception], ...] = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
@@ -71,6 +73,11 @@ class Publisher:
         # Set when the broker refused a publish for lack of write permission (the channel
         # is closed then; the replay fails with this one line instead of "lost the broker").
         self.refused: AccessRefused | None = None
+        # The queues and exchanges found before the replay started (operations checks the
+        # target), checked again on the node a failover moves to: a classic queue lives on one
+        # node, and a node that left the cluster may not know an exchange declared since.
+        self._checked_queues: dict[str, None] = {}
+        self._checked_exchanges: dict[str, str] = {}
 
     @property
     def _user(self) -> str:
@@ -108,6 +115,48 @@ class Publisher:
         # share or lack; returns are counted here instead, and the broker's ack that follows
         # each return settles the publish as usual.
         self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
+        if self.can_fail_over:
+            # Which node of the cluster, as the daemon's `consuming` line says it.
+            log.info("connected", extra={"event": "replay.connected", "node": self.node})
+
+    @property
+    def can_fail_over(self) -> bool:
+        """Whether AMQP_URL names several nodes, so that a lost one can be replaced by another."""
+        return len(split_hosts(self._url)) > 1
+
+    @property
+    def lost(self) -> bool:
+        """Whether the connection itself is gone (not merely a channel the broker closed over an error)."""
+        return self._connection is None or self._connection.is_closed
+
+    @property
+    def node(self) -> str:
+        """`host:port` of the node the connection is (or was last) open to."""
+        return frames.node_of(self._connection) if self._connection is not None else "?"
+
+    async def reconnect(self) -> str:
+        """After a lost connection: connect again, to the next node of AMQP_URL first, and check the
+        queues and exchanges found before again (UsageError when one is missing there); the node."""
+        await self.close()
+        self._channel = None
+        self._probe = None
+        # The node that went away is tried last: it refuses at once while it is down, but one
+        # that is shutting down may still take a connection and drop it again.
+        frames.move_on(self._url)
+        # A return read on the old connection cannot be matched with the confirm of a publish
+        # that will be sent again on the new one: it did not happen as far as the replay goes.
+        for archive_id, unmatched in self._unclaimed_returns.items():
+            for _ in range(unmatched):
+                with contextlib.suppress(ValueError):
+                    self.returned_ids.remove(archive_id)
+                self.returned -= 1
+        self._unclaimed_returns.clear()
+        await self.connect()
+        for queue in self._checked_queues:
+            await self._check_queue(queue)
+        for exchange, hint in self._checked_exchanges.items():
+            await self.check_exchange(exchange, hint)
+        return self.node
 
     @property
     def closed(self) -> bool:
@@ -160,8 +209,8 @@ class Publisher:
                 "the connection, or the network drops packets)"
             ) from None
 
-    async def queue_depth(self, queue: str) -> int:
-        """Messages ready in a queue; UsageError when it does not exist."""
+    async def _check_queue(self, queue: str) -> int:
+        """Messages ready in a queue (a passive declare); UsageError when it does not exist."""
         try:
             declared = await self._rpc(frames.queue_declare(queue, passive=True))
         except frames.NameTooLong:
@@ -172,7 +221,13 @@ class Publisher:
                 f"queue {queue!r} does not exist in vhost {self._vhost!r}: check --to-queue, or declare "
                 "the queue (its consumer usually does) and run again"
             ) from None
-        ready = int(declared.message_count or 0)
+        self._checked_queues[queue] = None
+        return int(declared.message_count or 0)
+
+    async def queue_depth(self, queue: str) -> int:
+        """Messages in a queue (ready, plus unacknowledged when the management API answers);
+        UsageError when it does not exist."""
+        ready = await self._check_queue(queue)
         if self._unacknowledged is None:
             return ready
         return ready + (await self._unacknowledged(queue) or 0)
@@ -190,6 +245,7 @@ class Publisher:
             raise UsageError(
                 f"exchange {exchange!r} does not exist in vhost {self._vhost!r}: {hint}"
             ) from None
+        self._checked_exchanges[exchange] = hint
 
     def publish(
         self,

@@ -8,6 +8,7 @@ the window that was unconfirmed when the replay stopped.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -15,11 +16,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rabbit_archive.archive.amqp_codec import CodecError
 from rabbit_archive.archive.db import CONNECTION_ERRORS, Connection
 from rabbit_archive.archive.errors import (
+    AccessRefused,
     ArchiveError,
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -46,6 +48,13 @@ SAVE_EVERY = 0.2
 # Seconds to wait for the confirms in flight when the replay stops: with the rest of the
 # shutdown (saving, closing a connection that may not answer), a stop takes under 30 s.
 STOP_GRACE = 20.0
+# How long a replay whose broker node went away tries the other nodes of AMQP_URL before it stops
+# as interrupted (a node that is down refuses at once: the next one usually answers in the first
+# round), and the pauses between rounds when none answers. A stop request cuts it short.
+FAILOVER_DEADLINE = 30.0
+FAILOVER_PAUSES = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+T = TypeVar("T")
 
 
 class ReplayStopped(ArchiveError):
@@ -106,6 +115,27 @@ class Pacer:
         return max(0.0, wait)
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """One message in the confirm window: its position, its publish (None: skipped), body size,
+    whether it is a failed one sent again, and how to publish it again on a new connection."""
+
+    position: int
+    task: "asyncio.Task[None] | None"
+    size: int
+    retry: bool
+    send: "Callable[[], asyncio.Task[None]] | None"
+
+
+def _answered(task: "asyncio.Task[None]") -> bool:
+    """Whether the broker answered this publish (confirm, nack or return), as opposed to a publish
+    still waiting or one that failed with its connection."""
+    if not task.done() or task.cancelled():
+        return False
+    error = task.exception()
+    return error is None or isinstance(error, (Nacked, Returned))
+
+
 class ConfirmWindow:
     """Publishes in flight, in order; settles the head as the broker answers.
 
@@ -125,8 +155,7 @@ class ConfirmWindow:
         confirmed_cursor: int | None = None,
         failed: dict[int, str] | None = None,
     ) -> None:
-        # A None task stands for a message skipped without publishing: settled at once.
-        self._pending: deque[tuple[int, asyncio.Task[None] | None, int, bool]] = deque()
+        self._pending: deque[_InFlight] = deque()
         self.bytes_in_flight = 0
         self.cursor = cursor
         self.confirmed_cursor = cursor if confirmed_cursor is None else confirmed_cursor
@@ -137,10 +166,17 @@ class ConfirmWindow:
         return len(self._pending)
 
     def add(
-        self, position: int, task: "asyncio.Task[None] | None", size: int = 0, *, retry: bool = False
+        self,
+        position: int,
+        task: "asyncio.Task[None] | None",
+        size: int = 0,
+        *,
+        retry: bool = False,
+        send: "Callable[[], asyncio.Task[None]] | None" = None,
     ) -> None:
-        """Track a publish of the message at position, with its body size (retry: a failed one again)."""
-        self._pending.append((position, task, size, retry))
+        """Track a publish of the message at position, with its body size (retry: a failed one
+        again; send: publishes it again, for resend_lost)."""
+        self._pending.append(_InFlight(position, task, size, retry, send))
         self.bytes_in_flight += size
 
     def _outcome(self, task: "asyncio.Task[None] | None") -> str:
@@ -166,24 +202,42 @@ class ConfirmWindow:
 
     def settle(self) -> None:
         """Advance the cursors over the answered head; a lost broker raises BrokerUnavailable."""
-        while self._pending and (self._pending[0][1] is None or self._pending[0][1].done()):
-            position, task, size, retry = self._pending[0]
-            outcome = self._outcome(task)
+        while self._pending and (self._pending[0].task is None or self._pending[0].task.done()):
+            head = self._pending[0]
+            outcome = self._outcome(head.task)
             self._pending.popleft()
-            self.bytes_in_flight -= size
-            if retry:
+            self.bytes_in_flight -= head.size
+            position = head.position
+            if head.retry:
                 # Counted as failed before: counted again by its new outcome.
                 self._count(self.failed.pop(position, ""), -1)
             self._count(outcome, 1)
             if outcome in ("nacked", "returned"):
                 self.failed[position] = outcome
                 log.warning(f"message {outcome}", extra={"event": f"replay.{outcome}", "position": position})
-            if not retry:
+            if not head.retry:
                 self.cursor = max(self.cursor, position)
             if not self.failed:
                 self.confirmed_cursor = self.cursor
             elif outcome not in ("nacked", "returned") and position < min(self.failed):
                 self.confirmed_cursor = max(self.confirmed_cursor, position)
+
+    def resend_lost(self) -> int:
+        """Publish again (each through its send, on the new connection) every message of the window
+        that the lost connection left unanswered, in window order; returns how many.
+
+        What the broker answered before the loss keeps its outcome; only these can reach the
+        target twice (the broker may have routed one whose confirm was lost with the connection).
+        """
+        resent = 0
+        for entry in self._pending:
+            if entry.task is None or entry.send is None or _answered(entry.task):
+                continue
+            # A publish still waiting belongs to the dead connection: nothing will answer it.
+            entry.task.cancel()
+            entry.task = entry.send()
+            resent += 1
+        return resent
 
     async def wait_for_room(
         self, size: int, max_bytes: int | None = None, stop: asyncio.Event | None = None
@@ -197,7 +251,7 @@ class ConfirmWindow:
         ):
             if stop is not None and stop.is_set():
                 return
-            head = self._pending[0][1]
+            head = self._pending[0].task
             if head is not None:
                 await _first_of(head, stop)
             self.settle()
@@ -208,7 +262,7 @@ class ConfirmWindow:
         With strict=False a lost publish stops the settling instead of raising.
         """
         if self._pending:
-            tasks = [task for _, task, _, _ in self._pending if task is not None]
+            tasks = [entry.task for entry in self._pending if entry.task is not None]
             if tasks:
                 waiting = asyncio.ensure_future(asyncio.wait(tasks, timeout=grace))
                 await _first_of(waiting, stop)
@@ -221,9 +275,9 @@ class ConfirmWindow:
 
     def abandon(self) -> None:
         """Forget what is still in flight (the connection is gone); their outcome is unknown."""
-        for _, task, _, _ in self._pending:
-            if task is not None:
-                task.cancel()
+        for entry in self._pending:
+            if entry.task is not None:
+                entry.task.cancel()
         self._pending.clear()
         self.bytes_in_flight = 0
 
@@ -356,12 +410,15 @@ async def execute(
 ) -> Counts:
     """Publish the job's messages after its cursor, in order; ReplayStopped or an ArchiveError when cut short.
 
-    Messages that failed before (job.failed) are sent first. However the loop ends (done, a
-    stop request, a lost broker, a vanished target queue, any exception), the publishes in
-    flight are waited for (STOP_GRACE at most, cut short when the connection is gone), and
-    the counts and both cursors are saved before it returns or raises. On return, job.failed
-    holds what the broker nacked or returned: the caller marks such a replay incomplete.
-    `connection` holds the replay's lock and serves both the reads and the history.
+    Messages that failed before (job.failed) are sent first. When the broker connection is lost
+    and AMQP_URL names several nodes, the replay goes on with another node (see fail_over): the
+    unanswered window is sent again there and the loop continues. However the loop ends (done,
+    a stop request, a lost broker no other node replaced, a vanished target queue, any
+    exception), the publishes in flight are waited for (STOP_GRACE at most, cut short when the
+    connection is gone), and the counts and both cursors are saved before it returns or raises.
+    On return, job.failed holds what the broker nacked or returned: the caller marks such a
+    replay incomplete. `connection` holds the replay's lock and serves both the reads and the
+    history.
     """
     counts = job.counts
     window = ConfirmWindow(job.cursor, counts, confirmed_cursor=job.confirmed_cursor, failed=job.failed)
@@ -388,70 +445,89 @@ async def execute(
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"lost PostgreSQL during the replay: {describe(error)}") from None
 
+    # The message being handled: kept when the broker goes away before it was published, so
+    # that it is published on the next node.
+    current: tuple[int, ArchivedMessage, bool] | None = None
     failure: BaseException | None = None
     try:
-        async for position, message, retry in items:
-            if stop.is_set():
-                break
-            delay = pacer.delay()
-            if delay and await sleep_unless(stop, delay):
-                break
-            if job.max_queue_depth is not None and job.target.queue is not None:
-                if depth_budget <= 0:
-                    # The broker counts a message in the queue once it confirms it: settle what
-                    # is in flight, then read the depth and publish only what still fits.
-                    limit = max(job.max_queue_depth, 1)
-                    await window.drain(STOP_GRACE, stop)
-                    queued: int | None = None
-                    while not stop.is_set():
-                        queued = await _unless_stopped(stop, _target_depth(publisher, job.target.queue))
-                        if queued is None or queued < limit:
-                            break
-                        if await sleep_unless(stop, 0.2):
-                            break
-                    if stop.is_set() or queued is None:
-                        break
-                    depth_budget = limit - queued
-                depth_budget -= 1
-            await window.wait_for_room(WINDOW, WINDOW_BYTES, stop)
-            if stop.is_set():
-                break
-            exchange, routing_key = destination(job.target, message)
+        while True:
             try:
-                properties = tagged_properties(
-                    message.properties_raw,
-                    job.tag,
-                    archive_id=message.id,
-                    replayed_at=int(time.time()),
-                    original_exchange=message.exchange_bytes,
-                    original_routing_key=message.routing_key_bytes,
-                    captured_at=int(message.captured_at.timestamp()),
-                    new_message_id=str(uuid.uuid4()) if job.new_message_id else None,
+                if current is None:
+                    current = await anext(items, None)
+                    if current is None:
+                        # Everything was published: the last confirms may still be lost with a node.
+                        await window.drain(STOP_GRACE, stop)
+                        break
+                if stop.is_set():
+                    break
+                position, message, retry = current
+                delay = pacer.delay()
+                if delay and await sleep_unless(stop, delay):
+                    break
+                if job.max_queue_depth is not None and job.target.queue is not None:
+                    if depth_budget <= 0:
+                        # The broker counts a message in the queue once it confirms it: settle what
+                        # is in flight, then read the depth and publish only what still fits.
+                        limit = max(job.max_queue_depth, 1)
+                        await window.drain(STOP_GRACE, stop)
+                        queued: int | None = None
+                        while not stop.is_set():
+                            queued = await _unless_stopped(stop, _target_depth(publisher, job.target.queue))
+                            if queued is None or queued < limit:
+                                break
+                            if await sleep_unless(stop, 0.2):
+                                break
+                        if stop.is_set() or queued is None:
+                            break
+                        depth_budget = limit - queued
+                    depth_budget -= 1
+                await window.wait_for_room(WINDOW, WINDOW_BYTES, stop)
+                if stop.is_set():
+                    break
+                exchange, routing_key = destination(job.target, message)
+                try:
+                    properties = tagged_properties(
+                        message.properties_raw,
+                        job.tag,
+                        archive_id=message.id,
+                        replayed_at=int(time.time()),
+                        original_exchange=message.exchange_bytes,
+                        original_routing_key=message.routing_key_bytes,
+                        captured_at=int(message.captured_at.timestamp()),
+                        new_message_id=str(uuid.uuid4()) if job.new_message_id else None,
+                    )
+                    # Names that are not UTF-8 survive as surrogate escapes; they must fit a shortstr.
+                    if len(routing_key.encode("utf-8", "surrogateescape")) > 255:
+                        raise CodecError("routing key longer than 255 bytes")
+                except (CodecError, UnicodeEncodeError) as error:
+                    # Stored bytes that cannot go on the wire again: reported, never silently dropped.
+                    counts.skipped += 1
+                    log.error(
+                        "message cannot be republished",
+                        extra={"event": "replay.skipped", "archive_id": message.id, "error": describe(error)},
+                    )
+                    window.add(position, None, retry=retry)
+                    current = None
+                    continue
+                # Sent again as the very same bytes (same x-replayed-at) if its node goes away.
+                send = functools.partial(
+                    publisher.publish, exchange, routing_key, properties, message.body, message.id
                 )
-                # Names that are not UTF-8 survive as surrogate escapes; they must fit a shortstr.
-                if len(routing_key.encode("utf-8", "surrogateescape")) > 255:
-                    raise CodecError("routing key longer than 255 bytes")
-            except (CodecError, UnicodeEncodeError) as error:
-                # Stored bytes that cannot go on the wire again: reported, never silently dropped.
-                counts.skipped += 1
-                log.error(
-                    "message cannot be republished",
-                    extra={"event": "replay.skipped", "archive_id": message.id, "error": describe(error)},
-                )
-                window.add(position, None, retry=retry)
-                continue
-            window.add(
-                position,
-                publisher.publish(exchange, routing_key, properties, message.body, message.id),
-                len(message.body),
-                retry=retry,
-            )
-            counts.published += 1
-            progress.advance(counts.published)
-            window.settle()
-            if time.monotonic() - last_save >= SAVE_EVERY:
-                await save()
-                last_save = time.monotonic()
+                window.add(position, send(), len(message.body), retry=retry, send=send)
+                current = None
+                counts.published += 1
+                progress.advance(counts.published)
+                window.settle()
+                if time.monotonic() - last_save >= SAVE_EVERY:
+                    await save()
+                    last_save = time.monotonic()
+            except Exception as error:
+                resent = await fail_over(error, publisher, window, stop)
+                if resent is None:
+                    raise
+                depth_budget = 0  # the depth is read again on the new node
+                counts.published += resent
+                progress.advance(counts.published)
     except BaseException as error:  # every way out waits for the confirms and saves
         failure = error
     finally:
@@ -482,7 +558,86 @@ async def execute(
     return counts
 
 
-async def _unless_stopped(stop: asyncio.Event, coroutine: "Coroutine[Any, Any, int]") -> int | None:
+def _broker_error(error: BaseException) -> bool:
+    # aiormq fails what waits on a dropped connection with its close reason, or a bare Exception.
+    return isinstance(error, (*BROKER_ERRORS, BrokerUnavailable)) or type(error) is Exception
+
+
+async def fail_over(
+    error: BaseException, publisher: Publisher, window: ConfirmWindow, stop: asyncio.Event
+) -> int | None:
+    """After error, go on with another node of AMQP_URL: how many unanswered publishes of the
+    window were sent again there.
+
+    None when error is not a lost connection (a channel error, a refused publish, a broker that
+    does not answer), AMQP_URL names one node, or stop is set first: the caller ends the replay
+    as before (interrupted, resumable). BrokerUnavailable when no node took the replay within
+    FAILOVER_DEADLINE; ReplayStopped when the node that answered lacks a target found before (a
+    classic queue whose node is down).
+    """
+    if not _broker_error(error) or stop.is_set():
+        return None
+    if not publisher.can_fail_over or not publisher.lost or publisher.refused is not None:
+        return None
+    lost_at = time.monotonic()
+    lost_node = publisher.node
+    # What the broker answered before the connection went is settled and keeps its outcome.
+    with contextlib.suppress(BrokerUnavailable):
+        window.settle()
+    log.warning(
+        "broker connection lost",
+        extra={
+            "event": "replay.broker_lost",
+            "node": lost_node,
+            "error": describe(error),
+            "unconfirmed": len(window),
+        },
+    )
+    pauses = iter(FAILOVER_PAUSES)
+    last_error: BaseException = error
+    while not stop.is_set():
+        left = lost_at + FAILOVER_DEADLINE - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            node = await _unless_stopped(stop, asyncio.wait_for(publisher.reconnect(), left))
+        except AccessRefused:
+            raise
+        except UsageError as missing:
+            raise ReplayStopped(
+                f"lost the broker node {lost_node} and moved to {publisher.node}, where {missing}"
+            ) from None
+        except Exception as failed:
+            # Every node refused, or the new connection went too: the next round, after a pause.
+            if not _broker_error(failed):
+                raise
+            last_error = failed
+            left = lost_at + FAILOVER_DEADLINE - time.monotonic()
+            await sleep_unless(stop, max(0.0, min(next(pauses, FAILOVER_PAUSES[-1]), left)))
+            continue
+        if node is None:  # stopped while connecting
+            break
+        resent = window.resend_lost()
+        log.warning(
+            "replay continues on another node",
+            extra={
+                "event": "replay.failed_over",
+                "node": node,
+                "lost_node": lost_node,
+                "seconds": round(time.monotonic() - lost_at, 3),
+                "resent": resent,
+            },
+        )
+        return resent
+    if stop.is_set():
+        return None
+    raise BrokerUnavailable(
+        f"lost the broker node {lost_node} and no node of RABBIT_ARCHIVE_AMQP_URL took the replay within "
+        f"{FAILOVER_DEADLINE:.0f} s: {describe(last_error)}"
+    )
+
+
+async def _unless_stopped(stop: asyncio.Event, coroutine: "Coroutine[Any, Any, T]") -> T | None:
     """The coroutine's result, or None when stop is set first (the coroutine is cancelled)."""
     task = asyncio.ensure_future(coroutine)
     await _first_of(task, stop)
