@@ -88,6 +88,12 @@ def promote_standby() -> None:
     _run("pg-promote")
 
 
+def set_replication(mode: str) -> None:
+    """'sync': commits on the primary wait for the standby (as started); 'async': they do not.
+    `start()` (and so `Clusters.restore()`) makes it synchronous again."""
+    _run("pg-replication", mode)
+
+
 def reset_postgres() -> None:
     """Throw both PostgreSQL servers away and build a fresh primary and synchronous standby."""
     _run("pg-reset", timeout=START_TIMEOUT)
@@ -118,6 +124,10 @@ class Clusters:
         """AMQP URL of one node (ra1, ra2, ra3 or a full node name)."""
         return self.amqp_urls[NODES.index(node_name(node).split("@", 1)[0])]
 
+    def node_at(self, address: str) -> str:
+        """The node (ra1, ra2 or ra3) that listens at an AMQP `host:port`, as logs name it."""
+        return NODES[AMQP_PORTS.index(int(address.rsplit(":", 1)[1]))]
+
     def management_url_of(self, node: str) -> str:
         """Management API base URL of one node."""
         return self.management_urls[NODES.index(node_name(node).split("@", 1)[0])]
@@ -138,12 +148,17 @@ class Clusters:
         """See promote_standby()."""
         promote_standby()
 
+    def set_replication(self, mode: str) -> None:
+        """See set_replication()."""
+        set_replication(mode)
+
     def reset_postgres(self) -> None:
         """See reset_postgres()."""
         reset_postgres()
 
     def restore(self) -> None:
-        """Bring everything back to three running nodes and a primary with a synchronous standby."""
+        """Bring everything back to three running nodes and a primary with a synchronous standby
+        (replication synchronous again, a promoted standby rebuilt)."""
         start()
 
 
