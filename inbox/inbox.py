@@ -114,7 +114,7 @@ class Inbox:
         self._on_outcome = on_outcome
 
     async def setup(self) -> None:
-        """Create the table and its index if missing, and check that an existing table fits.
+        """Create the table if missing, and check that an existing table fits.
 
         Raises InboxError naming the table when it cannot be created or has another layout.
         """
@@ -123,7 +123,6 @@ class Inbox:
                 async with connection.transaction():
                     await connection.execute(SETUP_LOCK, f"rabbit_archive.inbox {self.table}")
                     await connection.execute(self._sql.create_table)
-                    await connection.execute(self._sql.create_index)
                 # The statement every message runs, tried once and rolled back: a table of the same
                 # name made for something else fails here, not on the first message.
                 probe = connection.transaction()
@@ -203,24 +202,17 @@ class Inbox:
 
         return on_message
 
-    async def delete_older_than(self, age: datetime.timedelta, *, batch_size: int = 10_000) -> int:
+    async def delete_older_than(self, age: datetime.timedelta) -> int:
         """Forget this consumer's keys processed more than `age` ago; returns how many.
 
-        A message replayed after its key is forgotten is processed again: keep keys longer than
-        any replay window you may need.
+        One statement that reads the whole table (run it off-peak, e.g. daily). A message replayed
+        after its key is forgotten is processed again: keep keys longer than any replay you may need.
         """
         if not isinstance(age, datetime.timedelta) or age <= datetime.timedelta(0):
             raise ValueError(f"the age must be a positive datetime.timedelta, not {age!r}")
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        deleted = 0
         async with self._pool.acquire() as connection:
-            while True:
-                status = await connection.execute(self._sql.delete_older, self.consumer, age, batch_size)
-                count = int(status.rsplit(" ", 1)[-1])
-                deleted += count
-                if count < batch_size:
-                    return deleted
+            status = await connection.execute(self._sql.delete_older, self.consumer, age)
+        return int(status.rsplit(" ", 1)[-1])
 
     def _key_of(self, message: AbstractIncomingMessage) -> str:
         key = self._key(message)

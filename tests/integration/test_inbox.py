@@ -148,7 +148,7 @@ async def test_retention_forgets_old_keys_of_its_own_consumer_only(
                SELECT consumer, 'k' || n, now() - make_interval(days => n)
                FROM unnest(ARRAY['mine', 'other']) AS consumer, generate_series(0, 9) AS n"""
         )
-    assert await mine.delete_older_than(datetime.timedelta(days=5, hours=12), batch_size=2) == 4
+    assert await mine.delete_older_than(datetime.timedelta(days=5, hours=12)) == 4
     assert await other.delete_older_than(datetime.timedelta(days=9, hours=12)) == 0
     async with pool.acquire() as connection:
         left = await connection.fetch("SELECT consumer, count(*) FROM keys_in_test GROUP BY 1 ORDER BY 1")

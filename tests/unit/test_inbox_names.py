@@ -10,10 +10,9 @@ from hypothesis import strategies as st
 
 from rabbit_archive.inbox import Inbox, table_name
 from rabbit_archive.inbox.sql import (
-    CREATE_INDEX,
     CREATE_TABLE,
     DELETE_OLDER,
-    MAX_TABLE_NAME,
+    MAX_IDENTIFIER,
     RECORD,
     Statements,
 )
@@ -35,7 +34,7 @@ class NoPool:
         ("billing.inbox", '"billing"."inbox"'),
         ("_x1", '"_x1"'),
         ("user", '"user"'),  # a reserved word is fine once quoted
-        ("a" * MAX_TABLE_NAME, '"' + "a" * MAX_TABLE_NAME + '"'),
+        ("a" * MAX_IDENTIFIER, '"' + "a" * MAX_IDENTIFIER + '"'),
     ],
 )
 def test_good_names_are_quoted(value: str, quoted: str) -> None:
@@ -57,8 +56,9 @@ def test_good_names_are_quoted(value: str, quoted: str) -> None:
         "inbox.",
         "schéma.inbox",
         "in\x00box",
-        "a" * (MAX_TABLE_NAME + 1),
+        "a" * (MAX_IDENTIFIER + 1),
         "s" * 64 + ".inbox",
+        "inbox." + "t" * 64,
     ],
 )
 def test_bad_names_are_refused_with_what_is_allowed(value: str) -> None:
@@ -75,20 +75,20 @@ def test_a_name_is_accepted_only_when_it_can_never_break_out_of_its_quotes(value
     try:
         name = table_name(value)
     except ValueError:
-        assert not ACCEPTED.fullmatch(value) or len(value.rsplit(".", 1)[-1]) > MAX_TABLE_NAME
+        assert not ACCEPTED.fullmatch(value) or len(value.rsplit(".", 1)[-1]) > MAX_IDENTIFIER
         return
     assert ACCEPTED.fullmatch(value)
     statements = Statements(name)
-    for sql in (statements.create_table, statements.create_index, statements.record, statements.delete_older):
+    for sql in (statements.create_table, statements.record, statements.delete_older):
         # The name appears only between double quotes and holds none.
         assert '"' + name.name + '"' in sql
         assert sql.count('"') % 2 == 0
-    assert len(name.index.strip('"')) <= 63  # PostgreSQL would silently cut a longer one
+    assert len(name.name) <= 63  # PostgreSQL would silently cut a longer one
 
 
 def test_templates_hold_only_the_table_placeholders() -> None:
-    for template in (CREATE_TABLE, CREATE_INDEX, RECORD, DELETE_OLDER):
-        assert set(re.findall(r"{(\w*)}", template)) <= {"table", "index"}
+    for template in (CREATE_TABLE, RECORD, DELETE_OLDER):
+        assert set(re.findall(r"{(\w*)}", template)) == {"table"}
         assert "$" not in template.replace("$1", "").replace("$2", "").replace("$3", "")
 
 
