@@ -138,7 +138,9 @@ def payment(account: str, cents: int, *, message_id: str | None = None, seq: int
     return encode_properties(props), body
 
 
-def replay_copy(raw: bytes, routing_key: str, replay_id: str, archive_id: int) -> bytes:
+def replay_copy(
+    raw: bytes, routing_key: str, replay_id: str, archive_id: int, exchange: str = EXCHANGE
+) -> bytes:
     """The property bytes `rabbit-replay run` sends for an original (the replay tool's own tagging)."""
     now = int(time.time())
     return tagged_properties(
@@ -146,7 +148,7 @@ def replay_copy(raw: bytes, routing_key: str, replay_id: str, archive_id: int) -
         Tag(replay_id),
         archive_id=archive_id,
         replayed_at=now,
-        original_exchange=EXCHANGE.encode(),
+        original_exchange=exchange.encode(),
         original_routing_key=routing_key.encode(),
         captured_at=now,
     )

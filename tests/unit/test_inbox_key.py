@@ -13,6 +13,7 @@ import math
 import re
 import struct
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -27,6 +28,7 @@ from rabbit_archive.inbox import canonical_form, message_key
 from rabbit_archive.inbox.key import BROKER_HEADERS, CONTENT_PROPERTIES, REPLAY_HEADERS, is_stripped
 from rabbit_archive.replay.tagging import Tag, is_tag, tagged_properties
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 SETTINGS = settings(
     max_examples=150,
     deadline=None,
@@ -447,6 +449,35 @@ def test_values_no_client_decodes_to_are_refused() -> None:
     message.headers = {"odd": object()}  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="object"):
         message_key(message)
+
+
+# ---------------------------------------------------------------------------- README's worked example
+
+
+def readme_example() -> tuple[dict[str, Any], str, str]:
+    """The message, canonical form and key README shows, from its "Handling replays" section."""
+    section = README.read_text().split("## Handling replays in your consumers", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.DOTALL)
+    [spec] = [json.loads(text) for kind, text in blocks if kind == "json" and '"exchange"' in text]
+    [form] = [text.strip() for kind, text in blocks if kind == "text" and text.startswith('["rabbit')]
+    [key] = re.findall(r"sha256:[0-9a-f]{64}", section)
+    return spec, form, key
+
+
+def test_readme_worked_example_is_what_the_code_computes() -> None:
+    spec, form, key = readme_example()
+    headers: Table = [
+        (name.encode(), (letter, value.encode() if letter == "S" else value))
+        for name, (letter, value) in spec["headers"].items()
+    ]
+    props = Properties(
+        content_type=spec["content_type"].encode(), timestamp=spec["timestamp"], headers=headers
+    )
+    message = received(props, spec["body"].encode(), spec["exchange"], spec["routing_key"])
+    assert canonical_form(message).decode() == form
+    assert message_key(message) == key
+    to_queue = replayed(props, spec["body"].encode(), spec["exchange"], spec["routing_key"], to_queue="q")
+    assert message_key(to_queue) == key
 
 
 def test_a_naive_timestamp_counts_as_utc() -> None:
