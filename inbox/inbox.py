@@ -222,8 +222,16 @@ class Inbox:
         return key
 
     def _observe(self, outcome: Outcome, key: str | None, message: AbstractIncomingMessage) -> None:
-        if self._on_outcome is not None:
+        if self._on_outcome is None:
+            return
+        try:
             self._on_outcome(outcome, key, message)
+        except Exception:
+            # A metrics hook that fails must not turn a committed message into a rejected one.
+            log.exception(
+                "inbox outcome hook failed",
+                extra={"event": "inbox.hook_failed", "consumer": self.consumer, "outcome": outcome.value},
+            )
 
 
 def _replay_id(message: AbstractIncomingMessage) -> str | None:

@@ -137,6 +137,25 @@ async def test_the_transaction_form_duplicates_and_counters(
 
 
 @pytest.mark.timeout(30)
+async def test_a_failing_outcome_hook_changes_no_outcome(
+    pool: "asyncpg.Pool[asyncpg.Record]", channel: aio_pika.abc.AbstractChannel, amqp_url: str
+) -> None:
+    queue = await quorum_queue(channel)
+    await publish(amqp_url, [("", "work", *payment("carol", 5))])
+
+    def broken(outcome: Outcome, key: str | None, message: AbstractIncomingMessage) -> None:
+        raise RuntimeError("metrics are down")
+
+    inbox = Inbox(pool, "work", on_outcome=broken)
+    await inbox.setup()
+    await queue.consume(inbox.handler(lambda message, connection: asyncio.sleep(0)))
+    await wait_until(lambda: inbox.stats.processed == 1)
+    await asyncio.sleep(0.2)
+    assert inbox.stats.failed == 0
+    assert (await quorum_queue(channel)).declaration_result.message_count == 0
+
+
+@pytest.mark.timeout(30)
 async def test_retention_forgets_old_keys_of_its_own_consumer_only(
     pool: "asyncpg.Pool[asyncpg.Record]",
 ) -> None:
