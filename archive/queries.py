@@ -37,6 +37,70 @@ DELETE FROM rabbit_archive.capture_pending WHERE vhost = $1::text AND session_id
 # A batch retried after a lost COMMIT reply: its fingerprints (written or matched) exist only if it committed.
 BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending WHERE batch_id = $1)"
 
+# --- the selection watermark ----------------------------------------------------------------
+#
+# Archive ids are taken at COPY time but become visible in commit order: with two capture
+# transactions in flight, a lower id can commit after a reader saw a higher one. So every
+# capture transaction holds this lock shared from before its first id until its commit, and
+# a reader that fixes a selection takes it exclusively for one statement: it waits for the
+# transactions in flight to commit, and any transaction that starts after it takes ids, and
+# capture times, above what the reader saw. (A key of its own in the one-bigint key space;
+# the replay locks use the two-integer space.)
+SELECTION_FENCE_KEY = 0x7261626269740003  # written out in the statements below
+
+# A capture transaction's first statement: the fence, then the capture time of its rows,
+# read after the fence so that it is later than any watermark fixed before it (the
+# MATERIALIZED CTE runs first, so the time is taken once the lock is held).
+FENCE_CAPTURE = """
+WITH fence AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(8241976967880245251))
+SELECT clock_timestamp() FROM fence
+"""
+
+# Inside a short transaction of the reader: wait at most this long for capture
+# transactions in flight (one that never ends is the daemon's trouble, not a reason to hang).
+FENCE_TIMEOUT = "SET LOCAL lock_timeout = '30s'"
+FENCE_SELECTION = "SELECT pg_advisory_xact_lock(8241976967880245251)"
+
+# Read with the fence held: no transaction that could still commit a lower id is in flight.
+NEWEST_ID = "SELECT coalesce(max(id), 0) FROM rabbit_archive.messages"
+
+# --- reading the archive (replay/selection.py) -------------------------------------------
+#
+# {where} is always replay.filters.where_clause's output (fixed fragments with $n values) and
+# {limit} an integer the code chose.
+
+# One page's ids, sizes and capture times; the caller bounds it by an id window.
+SELECTION_PAGE_IDS = """
+SELECT id, body_size, captured_at FROM rabbit_archive.messages WHERE {where} ORDER BY id LIMIT {limit}
+"""
+
+_MESSAGE_SELECT = """
+SELECT id, captured_at, vhost, exchange, routing_key, exchange_raw, routing_key_raw, redelivered,
+       properties_raw, properties, headers, body, body_size, replay_id
+FROM rabbit_archive.messages
+"""
+
+# A page's rows ($1 ids) between its first and last capture times ($2, $3): the bounds let
+# PostgreSQL skip every daily partition the page does not touch (at plan time, or at run
+# time with a generic plan), where `id = ANY` alone probes each partition's index per id.
+SELECTION_PAGE_ROWS = (
+    _MESSAGE_SELECT
+    + "WHERE id = ANY($1::bigint[]) AND captured_at >= $2::timestamptz AND captured_at <= $3::timestamptz"
+    + " ORDER BY id"
+)
+
+ONE_MESSAGE = _MESSAGE_SELECT + "WHERE id = $1::bigint"
+
+SELECTION_COUNT = "SELECT count(*) FROM rabbit_archive.messages WHERE {where}"
+
+SELECTION_BREAKDOWN = """
+SELECT vhost, exchange, routing_key, count(*) AS messages, coalesce(sum(body_size), 0) AS bytes,
+       exchange_raw
+FROM rabbit_archive.messages WHERE {where}
+GROUP BY vhost, exchange, routing_key, exchange_raw
+ORDER BY messages DESC, vhost, exchange, routing_key
+"""
+
 ENSURE_PARTITIONS = "SELECT rabbit_archive.ensure_partitions($1::date, $2::integer)"
 
 COUNT_MESSAGES = "SELECT count(*) FROM rabbit_archive.messages"
@@ -96,7 +160,7 @@ SELECT r.id,
              AND l.objid::text::bigint = (hashtext(r.id)::bigint & 4294967295)
        ) THEN 'interrupted' ELSE r.status END AS status,
        r.filters, r.target, r.options, r.operator, r.reason, r.upto_id, r.selected, r.published,
-       r.confirmed, r.returned, r.nacked, r.confirmed_cursor, r.error, r.started_at, r.updated_at,
+       r.confirmed, r.returned, r.nacked, r.skipped, r.confirmed_cursor, r.error, r.started_at, r.updated_at,
        r.finished_at
 FROM rabbit_archive.replays AS r
 """
@@ -113,7 +177,8 @@ LIST_REPLAYS = _REPLAY_SELECT + "ORDER BY r.started_at, r.id"
 
 SAVE_REPLAY_PROGRESS = """
 UPDATE rabbit_archive.replays
-SET published = $2, confirmed = $3, returned = $4, nacked = $5, confirmed_cursor = $6, updated_at = now()
+SET published = $2, confirmed = $3, returned = $4, nacked = $5, skipped = $6, confirmed_cursor = $7,
+    updated_at = now()
 WHERE id = $1
 """
 

@@ -16,7 +16,8 @@ from rabbit_archive.archive.amqp_codec import (
     text_view,
 )
 
-# Column order of the COPY into rabbit_archive.messages (id and captured_at take defaults).
+# Column order of the COPY into rabbit_archive.messages (id takes its default; capture appends
+# captured_at, the time taken after the selection fence: see archive/queries.py).
 MESSAGE_COLUMNS = (
     "vhost",
     "exchange",

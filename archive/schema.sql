@@ -138,7 +138,9 @@ CREATE TABLE rabbit_archive.replays (
     -- Positions the broker nacked or returned (resume sends them again), and the last position
     -- such that it and every earlier one were answered (NULL: the same as confirmed_cursor).
     failed_ids bigint[] NOT NULL DEFAULT '{}',
-    settled_cursor bigint
+    settled_cursor bigint,
+    -- Messages that could not be republished at all (see the log).
+    skipped bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX replays_started_at_idx ON rabbit_archive.replays (started_at);
 

@@ -28,6 +28,7 @@ log = logging.getLogger("rabbit_archive.capture.store")
 PARTITION_LOCK_ID = 0x7261626269740002
 _PENDING_COLUMNS = ("fingerprint", "batch_id", "session_id", "vhost")
 _EXCHANGE = MESSAGE_COLUMNS.index("exchange")
+_COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")
 
 
 @dataclass(slots=True)
@@ -142,9 +143,12 @@ class PostgresStore:
         written again.
         """
         prepared = [self._prepare(vhost, delivery) for delivery in deliveries]
-        owner = _Owner(batch_id, session_id, storable_text(vhost))
         try:
             async with self._pool.acquire() as connection, connection.transaction():
+                # Before any id is taken (see queries.FENCE_CAPTURE): readers that fix a
+                # selection wait for this commit, and the rows' capture time is after theirs.
+                captured_at = await connection.fetchval(queries.FENCE_CAPTURE)
+                owner = _Owner(batch_id, session_id, storable_text(vhost), captured_at)
                 # Fingerprints of acknowledged batches go first, so they can never be
                 # claimed by a later, identical message.
                 if forget:
@@ -205,7 +209,7 @@ class PostgresStore:
                 item.properties_raw,
                 delivery.body,
             )
-            records.append(record)
+            records.append((*record, owner.captured_at))
             pending.append(owner.row(item.fingerprint))
             result.stored += 1
             # Keyed by the stored text of the name: always printable, safe as a metric label.
@@ -238,7 +242,7 @@ class PostgresStore:
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
         log.error("message_unstorable", extra={"exchange": row[_EXCHANGE], "error": reason})
-        await _copy(connection, [tuple(row)], [owner.row(item.fingerprint)])
+        await _copy(connection, [(*row, owner.captured_at)], [owner.row(item.fingerprint)])
         stored_exchange = row[_EXCHANGE]
         return WriteResult(
             stored=1,
@@ -277,6 +281,8 @@ class _Owner:
     batch_id: int
     session_id: int
     vhost: str
+    # Taken after the selection fence: every row of the batch carries it as captured_at.
+    captured_at: datetime
 
     def row(self, fingerprint: bytes) -> tuple[bytes, int, int, str]:
         return (fingerprint, self.batch_id, self.session_id, self.vhost)
@@ -285,10 +291,10 @@ class _Owner:
 async def _copy(
     connection: Connection, records: list[tuple[Any, ...]], pending: list[tuple[bytes, int, int, str]]
 ) -> None:
-    """The rows of a batch and their redelivery fingerprints."""
+    """The rows of a batch (each ending with its capture time) and their redelivery fingerprints."""
     if records:
         await connection.copy_records_to_table(
-            "messages", schema_name="rabbit_archive", columns=MESSAGE_COLUMNS, records=records
+            "messages", schema_name="rabbit_archive", columns=_COPY_COLUMNS, records=records
         )
         await connection.copy_records_to_table(
             "capture_pending", schema_name="rabbit_archive", columns=_PENDING_COLUMNS, records=pending

@@ -720,6 +720,7 @@ def _print_history(records: list[ReplayRecord]) -> None:
         "confirmed",
         "returned",
         "nacked",
+        "skipped",
     ):
         table.add_column(column, no_wrap=True)
     table.add_column("filters / reason", overflow="fold")
@@ -739,6 +740,7 @@ def _print_history(records: list[ReplayRecord]) -> None:
                     record.confirmed,
                     record.returned,
                     record.nacked,
+                    record.skipped,
                     detail,
                 )
             )

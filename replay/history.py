@@ -74,6 +74,7 @@ class ReplayRecord:
     finished_at: datetime | None
     failed_ids: tuple[int, ...] = ()
     settled_cursor: int | None = None
+    skipped: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The `history --json` object."""
@@ -85,6 +86,7 @@ class ReplayRecord:
             "confirmed": self.confirmed,
             "returned": self.returned,
             "nacked": self.nacked,
+            "skipped": self.skipped,
             "operator": self.operator,
             "reason": self.reason,
             "target": Target.from_json(self.target).describe(),
@@ -191,11 +193,12 @@ async def save_progress(
     confirmed: int,
     returned: int,
     nacked: int,
+    skipped: int,
     cursor: int,
 ) -> None:
     """Store the counts and the confirmed cursor."""
     await connection.execute(
-        queries.SAVE_REPLAY_PROGRESS, replay_id, published, confirmed, returned, nacked, cursor
+        queries.SAVE_REPLAY_PROGRESS, replay_id, published, confirmed, returned, nacked, skipped, cursor
     )
 
 

@@ -563,7 +563,7 @@ async def run(
         checked, copy = files.enter_context(_checked_file(request.file)) if request.file else (None, None)
         filters = request.filters
         if filters is not None:
-            filters = replace(filters, upto_id=await selection.newest_id(connection))
+            filters = replace(filters, upto_id=await selection.watermark(connection))
             request.filters = filters
         preview = await _preview(connection, request, checked)
         url, vhost = _publish_url(settings, request, preview)
@@ -699,6 +699,7 @@ async def resume(
                     confirmed=record.confirmed,
                     returned=record.returned,
                     nacked=record.nacked,
+                    skipped=record.skipped,
                 ),
             )
             return await _run_job(job, connection, publisher, progress)

@@ -437,6 +437,7 @@ async def execute(
                 confirmed=counts.confirmed,
                 returned=counts.returned,
                 nacked=counts.nacked,
+                skipped=counts.skipped,
                 cursor=window.confirmed_cursor,
             )
             await history.save_failures(

@@ -15,28 +15,10 @@ from typing import Any
 
 import asyncpg
 
+from rabbit_archive.archive import queries
 from rabbit_archive.archive.db import Connection
-from rabbit_archive.archive.errors import UsageError
+from rabbit_archive.archive.errors import DatabaseRefused, UsageError
 from rabbit_archive.replay.filters import Filters, where_clause
-
-# {where} is always replay.filters.where_clause's output: fixed fragments with $n values.
-_PAGE_IDS = "SELECT id, body_size FROM rabbit_archive.messages WHERE {where} ORDER BY id LIMIT {limit}"
-_ROWS = """
-SELECT id, captured_at, vhost, exchange, routing_key, exchange_raw, routing_key_raw, redelivered,
-       properties_raw, properties, headers, body, body_size, replay_id
-FROM rabbit_archive.messages
-"""
-_ROWS_BY_ID = _ROWS + "WHERE id = ANY($1::bigint[]) ORDER BY id"
-_ONE_ROW = _ROWS + "WHERE id = $1::bigint"
-_COUNT = "SELECT count(*) FROM rabbit_archive.messages WHERE {where}"
-_BREAKDOWN = """
-SELECT vhost, exchange, routing_key, count(*) AS messages, coalesce(sum(body_size), 0) AS bytes,
-       exchange_raw
-FROM rabbit_archive.messages WHERE {where}
-GROUP BY vhost, exchange, routing_key, exchange_raw
-ORDER BY messages DESC, vhost, exchange, routing_key
-"""
-_NEWEST_ID = "SELECT max(id) FROM rabbit_archive.messages"
 
 PAGE_ROWS = 500
 ID_WINDOW = 2 * PAGE_ROWS
@@ -119,25 +101,29 @@ async def messages(
     """
     cursor = after_id
     remaining = limit
-    newest = filters.upto_id if filters.upto_id is not None else await newest_id(connection)
+    newest = filters.upto_id if filters.upto_id is not None else await watermark(connection)
     width = ID_WINDOW
     while (remaining is None or remaining > 0) and cursor < newest:
         want = page_rows if remaining is None else min(page_rows, remaining)
         through = min(cursor + width, newest)
         where, params = where_clause(filters, after_id=cursor, through_id=through)
-        candidates = await connection.fetch(_PAGE_IDS.format(where=where, limit=want), *params)
+        page_ids = queries.SELECTION_PAGE_IDS.format(where=where, limit=want)
+        candidates = await connection.fetch(page_ids, *params)
         if len(candidates) < want:
             # The window is exhausted; a sparse selection gets a wider one next time.
             width = width * 2 if len(candidates) < want // 2 else width
         ids: list[int] = []
+        times: list[datetime] = []
         size = 0
         for row in candidates:
             if ids and size + row["body_size"] > page_bytes:
                 break
             ids.append(row["id"])
+            times.append(row["captured_at"])
             size += row["body_size"]
         if ids:
-            for record in await connection.fetch(_ROWS_BY_ID, ids):
+            rows = await connection.fetch(queries.SELECTION_PAGE_ROWS, ids, min(times), max(times))
+            for record in rows:
                 yield _message(record)
             if remaining is not None:
                 remaining -= len(ids)
@@ -147,7 +133,7 @@ async def messages(
 
 async def message(connection: Connection, archive_id: int) -> ArchivedMessage:
     """One message by archive id; UsageError when there is none."""
-    record = await connection.fetchrow(_ONE_ROW, archive_id)
+    record = await connection.fetchrow(queries.ONE_MESSAGE, archive_id)
     if record is None:
         raise UsageError(f"no archived message has id {archive_id}: find ids with 'rabbit-replay find'")
     return _message(record)
@@ -156,18 +142,36 @@ async def message(connection: Connection, archive_id: int) -> ArchivedMessage:
 async def count(connection: Connection, filters: Filters) -> int:
     """How many messages the filters select."""
     where, params = where_clause(filters)
-    total: int = await connection.fetchval(_COUNT.format(where=where), *params)
+    total: int = await connection.fetchval(queries.SELECTION_COUNT.format(where=where), *params)
     return total
 
 
 async def breakdown(connection: Connection, filters: Filters) -> list[Group]:
     """The selection per vhost, exchange and routing key, largest first."""
     where, params = where_clause(filters)
-    rows = await connection.fetch(_BREAKDOWN.format(where=where), *params)
+    rows = await connection.fetch(queries.SELECTION_BREAKDOWN.format(where=where), *params)
     return [Group(**dict(row.items())) for row in rows]
 
 
-async def newest_id(connection: Connection) -> int:
-    """The newest archive id (0 for an empty archive)."""
-    newest: int | None = await connection.fetchval(_NEWEST_ID)
-    return newest or 0
+async def watermark(connection: Connection) -> int:
+    """The newest archive id below which no capture transaction can still commit (0: empty).
+
+    Taken under the selection fence (archive/queries.py): ids at or below it are all
+    committed, ids above it belong to transactions that started later, so a selection bounded
+    by it is the same set whenever it is read, and a cursor that passes an id never finds a
+    lower one appearing behind it.
+    """
+    if connection.is_in_transaction():
+        # The fence would be held until the caller's transaction ends, stopping capture.
+        raise RuntimeError("the selection watermark is read outside any transaction")
+    try:
+        async with connection.transaction():
+            await connection.execute(queries.FENCE_TIMEOUT)
+            await connection.execute(queries.FENCE_SELECTION)
+            newest: int = await connection.fetchval(queries.NEWEST_ID)
+    except asyncpg.LockNotAvailableError as error:
+        raise DatabaseRefused(
+            "a capture transaction has been open for 30 s, so the archive cannot fix the selection;"
+            " check the capture daemon and PostgreSQL, then retry"
+        ) from error
+    return newest

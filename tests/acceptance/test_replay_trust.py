@@ -282,3 +282,23 @@ def test_a_stop_while_the_broker_does_not_answer_ends_within_30_s_saved_and_inte
     assert record["confirmed_cursor"] > 0
     print(f"stopped {elapsed:.1f} s after {how.name}; {record['confirmed']} confirmed, {arrived} arrived")
     assert record["published"] >= record["confirmed"]
+
+
+def test_a_message_that_cannot_be_republished_is_counted_as_skipped_in_the_history(
+    loaded: Callable[[int], list[int]], capture_env: dict[str, str], pika_channel: Any, database_url: str
+) -> None:
+    ids = loaded(5)
+    # Property bytes that announce a header table and end before it: nothing can encode them.
+    run_sql(
+        database_url, "UPDATE rabbit_archive.messages SET properties_raw = '\\x2000' WHERE id = $1", ids[2]
+    )
+    pika_channel.queue_declare("target", durable=True)
+    result = replay_command(capture_env, "run", "--exchange", "load", "--to-queue", "target", "--yes")
+    assert_one_line_error(result, 1, "1 could not be republished")
+    assert "skipped 1" in summary(result.stdout)
+    record = history(capture_env)
+    assert (record["confirmed"], record["skipped"]) == (4, 1)
+    assert archive_ids(drain(pika_channel, "target")) == Counter(ids[:2] + ids[3:])
+    table = ok(replay_command(capture_env, "history"))
+    print(table)
+    assert "skipped" in table
