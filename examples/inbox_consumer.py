@@ -134,7 +134,12 @@ async def consume(
             # Unacknowledged messages go back to the queue when the channel closes.
             await queue.cancel(consumer_tag)
     finally:
-        await asyncio.wait_for(pool.close(), 10)
+        try:
+            await asyncio.wait_for(pool.close(), 10)
+        except TimeoutError:
+            # A handler still holds its connection: its transaction rolls back and the broker
+            # redelivers the message, so closing hard loses nothing.
+            pool.terminate()
     stats: dict[str, Any] = {"event": "stopped", "pid": os.getpid()}
     stats |= {name: getattr(inbox.stats, name) for name in ("processed", "duplicates", "replays_processed")}
     print(json.dumps(stats), flush=True)
