@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from asyncio.subprocess import STDOUT
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,7 +61,9 @@ FROM (
 class Daemon:
     """`rabbit-capture run` in a subprocess, configured only by environment variables."""
 
-    def __init__(self, vhost: str, database_url: str, output: IO[bytes]) -> None:
+    def __init__(
+        self, vhost: str, database_url: str, output: IO[bytes], *, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.output = output
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
@@ -70,6 +73,8 @@ class Daemon:
             "RABBIT_ARCHIVE_HTTP_PORT": str(self.port),
             "RABBIT_ARCHIVE_LOG_LEVEL": "WARNING",
         }
+        # Further settings by their variable's name without the prefix (SOURCE=firehose).
+        self.env |= {f"RABBIT_ARCHIVE_{name}": value for name, value in (settings or {}).items()}
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> int:

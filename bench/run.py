@@ -3,7 +3,8 @@
 One run, in this order: a plain consumer draining N messages; `rabbit-capture run` draining the same
 N messages, then a steady publish load with capture latency; a plain confirming publisher of N
 messages; `rabbit-replay run` of the N archived messages into a fresh queue; a consumer applying each
-message in a PostgreSQL transaction with and without rabbit_archive.inbox (bench/inbox.py). Two fresh
+message in a PostgreSQL transaction with and without rabbit_archive.inbox (bench/inbox.py); a producer's
+publish rate with no daemon and beside `rabbit-capture run` under each SOURCE (bench/sources.py). Fresh
 vhosts and a fresh database are used and deleted at the end, whatever happens. Run: scripts/bench --quick
 """
 
@@ -24,7 +25,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import baseline, capture, inbox, replay
+from bench import baseline, capture, inbox, replay, sources
 from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, log
 
 QUICK_MESSAGES = 20_000
@@ -59,11 +60,12 @@ def git_state() -> dict[str, Any]:
 
 
 async def measure(
-    sizes: Sizes, steady_rate: float, steady_seconds: float, analyze: bool, output: IO[bytes]
+    sizes: Sizes, steady_rate: float, steady_seconds: float, analyze: bool, quick: bool, output: IO[bytes]
 ) -> dict[str, Any]:
-    """Create two vhosts and a database, run every phase, and delete them again whatever happens."""
+    """Create the vhosts and a database, run every phase, and delete them again whatever happens."""
     tag = uuid.uuid4().hex[:10]
-    vhosts = {"baseline": f"bench-{tag}-baseline", "capture": f"bench-{tag}-capture"}
+    source_vhosts = sources.vhost_names(tag)
+    vhosts = {"baseline": f"bench-{tag}-baseline", "capture": f"bench-{tag}-capture", **source_vhosts}
     database = f"bench_{tag}"
     database_url = f"{POSTGRES}/{database}"
     async with httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api:
@@ -80,6 +82,15 @@ async def measure(
             publisher = await baseline.publisher(vhosts["baseline"], sizes)
             replayed = await replay.run(vhosts["capture"], database_url, sizes, analyze, output)
             inboxed = await inbox.run(vhosts["baseline"], database_url, sizes)
+            # A quarter of the messages per source and target: eight of them take turns.
+            sourced = await sources.run(
+                api,
+                source_vhosts,
+                database_url,
+                Sizes(sizes.messages // 4, sizes.body_size),
+                output,
+                rounds=sources.QUICK_ROUNDS if quick else sources.ROUNDS,
+            )
         finally:
             for vhost in vhosts.values():
                 try:
@@ -98,6 +109,7 @@ async def measure(
         "capture": captured,
         "replay": replayed,
         "inbox": inboxed,
+        "sources": sourced,
     }
 
 
@@ -111,11 +123,41 @@ def yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def source_rows(sourced: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The sources phase's rows: the publisher's rate per target, beside each SOURCE and without a daemon."""
+    rows = [
+        (
+            "sources",
+            f"publisher msg/s ({sourced['messages_per_cell']:,} msgs x {sourced['rounds']} rounds, "
+            f"{sourced['in_flight']:,} in flight)",
+            "",
+            "",
+        )
+    ]
+    for source in sources.SOURCES:
+        for target in sources.TARGETS:
+            cell = sourced[source][target]
+            to = "to exchange" if target == "exchange" else "to default exchange"
+            if source == "none":
+                rows.append(("", f"no daemon, {to}", f"{cell['msg_per_s']:,.0f}", ""))
+            else:
+                captured = "" if cell["captured"] else ", not captured"
+                rows.append(
+                    (
+                        "",
+                        f"SOURCE={source}, {to}{captured} (÷ none)",
+                        f"{cell['msg_per_s']:,.0f} ({cell['ratio']:.2f})",
+                        "",
+                    )
+                )
+    return rows
+
+
 def show(result: dict[str, Any]) -> None:
     """Print the results as one table: phase, measure, value, target."""
     consumer, publisher = result["baseline"]["consumer"], result["baseline"]["publisher"]
     drain, steady, replayed = result["capture"]["drain"], result["capture"]["steady"], result["replay"]
-    inboxed = result["inbox"]
+    inboxed, sourced = result["inbox"], result["sources"]
     table = Table(
         title=f"rabbit-archive benchmark: {result['messages']:,} messages of {result['body_size']:,} bytes, "
         f"commit {result['commit']}{' (dirty)' if result['dirty'] else ''}"
@@ -157,6 +199,7 @@ def show(result: dict[str, Any]) -> None:
          f"≥ {INBOX_RATIO_TARGET}: {verdict(inboxed['ratio'] >= INBOX_RATIO_TARGET)}"),
         ("", "inbox ÷ without, median of rounds", f"{inboxed['ratio_median_of_rounds']:.2f}", ""),
         ("", "inbox with digest keys ÷ without", f"{inboxed['digest_ratio']:.2f}", ""),
+        *source_rows(sourced),
     ]  # fmt: skip
     for row in rows:
         table.add_row(*row)
@@ -198,7 +241,9 @@ def main() -> None:
     git = git_state()
     with tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log") as output:
         try:
-            measured = asyncio.run(measure(sizes, steady_rate, steady_seconds, args.analyze, output))
+            measured = asyncio.run(
+                measure(sizes, steady_rate, steady_seconds, args.analyze, args.quick, output)
+            )
         except KeyboardInterrupt:
             log.log("interrupted (the vhosts and database it created are deleted unless reported above)")
             sys.exit(130)
