@@ -1,4 +1,12 @@
-"""Groups deliveries into batches closed by count, bytes or age; pure, time comes in as an argument."""
+"""Groups deliveries into batches for one writer (group commit); pure: no clock, no I/O.
+
+A batch is due as soon as the writer is idle and something is buffered: a delivery that arrives
+while the writer is idle is written at once, and one that arrives during a write goes with the
+next batch, which starts when that write ends. So under a light load a delivery waits for at
+most one write besides its own, and under a heavy one batches grow by themselves to what arrives
+during a write, up to max_count deliveries and max_bytes. The writer is never idle while
+something is buffered. No timer decides when a batch goes: the writer's own pace does.
+"""
 
 from dataclasses import dataclass, field
 
@@ -22,19 +30,16 @@ class Delivery:
 
 @dataclass(slots=True)
 class Batcher:
-    """Collects deliveries until a batch is full (count or bytes) or its oldest item is too old."""
+    """Collects deliveries while a batch is written; the next batch is due when the write ends."""
 
     max_count: int
     max_bytes: int
-    max_age: float
     _items: list[Delivery] = field(default_factory=list)
     _bytes: int = 0
-    _first_at: float = 0.0
+    _writing: bool = False
 
-    def add(self, delivery: Delivery, now: float) -> None:
-        """Append a delivery received at time `now`."""
-        if not self._items:
-            self._first_at = now
+    def add(self, delivery: Delivery) -> None:
+        """Append a delivery."""
         self._items.append(delivery)
         self._bytes += delivery.size
 
@@ -48,23 +53,26 @@ class Batcher:
 
     @property
     def full(self) -> bool:
-        """True when the batch should be written without waiting any longer."""
+        """True when the buffered deliveries fill a batch (by count or bytes)."""
         return len(self._items) >= self.max_count or self._bytes >= self.max_bytes
 
-    def due(self, now: float) -> bool:
-        """True when there is something to write and it is full or old enough."""
-        return bool(self._items) and (self.full or now - self._first_at >= self.max_age)
+    @property
+    def writing(self) -> bool:
+        """True between take() and written(): a batch is being written."""
+        return self._writing
 
-    def wait_time(self, now: float) -> float | None:
-        """Seconds until the current batch is due; None when empty (wait for a delivery)."""
-        if not self._items:
-            return None
-        if self.full:
-            return 0.0
-        return max(0.0, self._first_at + self.max_age - now)
+    def due(self) -> bool:
+        """True when a batch should be taken now: something is buffered and the writer is idle."""
+        return bool(self._items) and not self._writing
 
     def take(self) -> list[Delivery]:
-        """Remove and return up to max_count items (and at most max_bytes unless one is larger)."""
+        """Start a write: remove and return up to max_count items (max_bytes unless one is larger).
+
+        Until written() the writer is busy and nothing is due; what arrives meanwhile forms
+        the next batch.
+        """
+        if self._writing:
+            raise RuntimeError("a batch is already being written")
         items = self._items
         count, size = 0, 0
         for item in items:
@@ -75,9 +83,13 @@ class Batcher:
         batch, rest = items[:count], items[count:]
         self._items = rest
         self._bytes -= size
-        # A remainder keeps the old start time: it is at least that old in the worst case,
-        # so it is written no later than max_age after its first delivery.
+        # Taking from an empty buffer starts no write.
+        self._writing = bool(batch)
         return batch
+
+    def written(self) -> None:
+        """The write started by take() ended (committed or abandoned): the next batch may start."""
+        self._writing = False
 
     def clear(self) -> int:
         """Forget every buffered delivery (their channel is gone); returns how many."""

@@ -23,7 +23,7 @@ from rabbit_archive.archive.errors import (
     describe,
     reply_text,
 )
-from rabbit_archive.archive.stopping import Backoff, sleep_unless
+from rabbit_archive.archive.stopping import sleep_unless
 from rabbit_archive.capture import firehose
 from rabbit_archive.capture.acks import Acknowledger
 from rabbit_archive.capture.batching import Batcher, Delivery
@@ -36,10 +36,10 @@ from rabbit_archive.capture.store import ArchiveStore
 from rabbit_archive.config.settings import Settings, mask_url
 from rabbit_archive.config.urls import split_hosts
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("rabbit_archive.capture")
 
 # Errors that end a broker session; the supervisor reconnects after a backoff.
-SESSION_ENDING_ERRORS: tuple[type[Exception], ...] = (
+BROKER_ERRORS: tuple[type[Exception], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
@@ -51,6 +51,25 @@ SESSION_ENDING_ERRORS: tuple[type[Exception], ...] = (
 
 # Seconds before a vhost that could not be captured (see VhostCapture.run) is tried again.
 VHOST_RETRY = 15.0
+
+
+class Backoff:
+    """Exponential delays with jitter between reconnection attempts."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def next(self) -> float:
+        """The delay before the next attempt."""
+        delay = self._next
+        self._next = min(self._cap, self._next * 2)
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        """Start again from the shortest delay (after a success)."""
+        self._next = self._first
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -174,7 +193,7 @@ class VhostCapture:
                 )
                 await sleep_unless(self._stop, VHOST_RETRY)
                 continue
-            except SESSION_ENDING_ERRORS as error:
+            except BROKER_ERRORS as error:
                 self._metrics.errors.labels("broker").inc()
                 log.warning(
                     "broker_session_lost",
@@ -217,7 +236,7 @@ class VhostCapture:
                 f"RabbitMQ did not let the user of {mask_url(self._url)} into vhost {self._vhost!r}: the "
                 "vhost does not exist or the user has no permissions there"
             ) from None
-        except SESSION_ENDING_ERRORS as error:
+        except BROKER_ERRORS as error:
             raise BrokerUnavailable(f"cannot connect to {mask_url(self._url)}: {describe(error)}") from error
         self._ever_connected = True
         try:
@@ -252,7 +271,7 @@ class VhostCapture:
                     await self._count_dropped(connection)
         except* (QueueMismatch, UsageError) as errors:
             raise errors.exceptions[0] from None
-        except* SESSION_ENDING_ERRORS as errors:
+        except* BROKER_ERRORS as errors:
             raise errors.exceptions[0] from None
         except* Exception as errors:
             if not connection.is_closed:
@@ -266,7 +285,7 @@ class VhostCapture:
             self._health.set_consuming(self._vhost, False)
             self._metrics.connected.labels(self._vhost).set(0)
             if not connection.is_closed:
-                with contextlib.suppress(*SESSION_ENDING_ERRORS):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await asyncio.wait_for(connection.close(), timeout=5)
 
     async def _count_dropped(self, connection: aiormq.abc.AbstractConnection) -> None:
@@ -299,7 +318,7 @@ class VhostCapture:
 
     async def _consume(self, channel: aiormq.abc.AbstractChannel, gate: ReadGate) -> None:
         settings = self._settings
-        batcher = Batcher(settings.batch_size, settings.batch_max_bytes, settings.flush_interval)
+        batcher = Batcher(settings.batch_size, settings.batch_max_bytes)
         # Trace copies arrive with SOURCE=firehose (all publishes) and bindings+default (those
         # to the default exchange): either way they are turned back into the message.
         firehose_source = settings.source in ("firehose", "bindings+default")
@@ -331,11 +350,10 @@ class VhostCapture:
                     routing_key,
                     properties_raw,
                     message.body,
-                ),
-                loop.time(),
+                )
             )
-            if batcher.full:
-                wake.set()
+            # An idle writer takes it at once; a busy one with the next batch (group commit).
+            wake.set()
             if batcher.bytes >= settings.buffer_max_bytes:
                 # The database is slower than the broker: hold what we have, read no more
                 # (reading resumes when a flush makes room).
@@ -377,16 +395,17 @@ class VhostCapture:
                 raise BrokerUnavailable(f"channel to vhost {self._vhost!r} closed")
             if cancelled:
                 raise BrokerUnavailable(f"the broker cancelled the consumer of {self._settings.queue!r}")
-            wait = batcher.wait_time(loop.time())
-            try:
-                # Short waits keep the loop responsive to stop without another task.
-                async with asyncio.timeout(min(wait, 0.2) if wait is not None else 0.2):
-                    await wake.wait()
-            except TimeoutError:
-                pass
+            if not batcher.due():
+                try:
+                    # Short waits keep the loop responsive to stop without another task;
+                    # FLUSH_INTERVAL bounds them too, should a wake-up ever be missed.
+                    async with asyncio.timeout(min(settings.flush_interval, 0.2)):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
             wake.clear()
             now = loop.time()
-            if batcher.due(now):
+            if batcher.due():
                 await self._flush(channel, acks, batcher, gate)
                 if batcher.bytes < settings.buffer_max_bytes:
                     gate.resume()
@@ -432,6 +451,14 @@ class VhostCapture:
         self, channel: aiormq.abc.AbstractChannel, acks: "_ChannelAcks", batcher: Batcher, gate: ReadGate
     ) -> None:
         batch = batcher.take()
+        try:
+            await self._write_and_acknowledge(channel, acks, batch, gate)
+        finally:
+            batcher.written()
+
+    async def _write_and_acknowledge(
+        self, channel: aiormq.abc.AbstractChannel, acks: "_ChannelAcks", batch: list[Delivery], gate: ReadGate
+    ) -> None:
         batch_id = random.getrandbits(63)
         started = time.perf_counter()
         result = await self._write_until_stored(channel, batch, batch_id)
