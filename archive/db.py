@@ -7,6 +7,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from rabbit_archive.archive import queries
 from rabbit_archive.archive.errors import AccessRefused, DatabaseRefused, DatabaseUnavailable, describe
 from rabbit_archive.config.settings import mask_url
 
@@ -76,8 +77,7 @@ async def _create_database(url: str) -> None:
     name = _database_name(url)
     connection = await asyncpg.connect(_maintenance_url(url))
     try:
-        # The server quotes the identifier (format %I): no name is ever spliced in by hand.
-        statement = await connection.fetchval("SELECT format('CREATE DATABASE %I', $1::text)", name)
+        statement = await connection.fetchval(queries.CREATE_DATABASE, name)
         # Another replica may have created it first.
         with contextlib.suppress(asyncpg.DuplicateDatabaseError):
             await connection.execute(statement)

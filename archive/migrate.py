@@ -6,21 +6,11 @@ from importlib import resources
 
 import asyncpg
 
+from rabbit_archive.archive import queries
 from rabbit_archive.archive.db import DATABASE_ERRORS, Connection, database_error
 from rabbit_archive.archive.errors import AccessRefused, describe
 
-# One lock id for the whole product: replicas starting together take turns.
-MIGRATION_LOCK_ID = 0x7261626269740001
 _NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
-
-_BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS rabbit_archive;
-CREATE TABLE IF NOT EXISTS rabbit_archive.schema_migrations (
-    version integer PRIMARY KEY,
-    name text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,7 @@ async def apply_migrations(connection: Connection) -> list[int]:
     try:
         return await _apply(connection)
     except asyncpg.InsufficientPrivilegeError as error:
-        user = await connection.fetchval("SELECT current_user")
+        user = await connection.fetchval(queries.CURRENT_USER)
         raise AccessRefused(
             f"PostgreSQL refused to apply the archive schema as {user!r} ({describe(error)}): the "
             "capture role needs CREATE on the database and must own schema rabbit_archive "
@@ -70,21 +60,14 @@ async def apply_migrations(connection: Connection) -> list[int]:
 async def _apply(connection: Connection) -> list[int]:
     applied_now = []
     async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
-        await connection.execute(_BOOTSTRAP)
-        done = {
-            row["version"]
-            for row in await connection.fetch("SELECT version FROM rabbit_archive.schema_migrations")
-        }
+        await connection.execute(queries.MIGRATION_LOCK)
+        await connection.execute(queries.MIGRATIONS_BOOTSTRAP)
+        done = {row["version"] for row in await connection.fetch(queries.APPLIED_MIGRATIONS)}
         for migration in migrations():
             if migration.version in done:
                 continue
             await connection.execute(migration.sql)
-            await connection.execute(
-                "INSERT INTO rabbit_archive.schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
+            await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
             applied_now.append(migration.version)
     return applied_now
 
@@ -92,14 +75,10 @@ async def _apply(connection: Connection) -> list[int]:
 async def schema_version(connection: Connection) -> int | None:
     """The newest applied migration, or None when the schema was never applied."""
     try:
-        exists = await connection.fetchval(
-            "SELECT to_regclass('rabbit_archive.schema_migrations') IS NOT NULL"
-        )
+        exists = await connection.fetchval(queries.SCHEMA_EXISTS)
         if not exists:
             return None
-        version: int | None = await connection.fetchval(
-            "SELECT max(version) FROM rabbit_archive.schema_migrations"
-        )
+        version: int | None = await connection.fetchval(queries.SCHEMA_VERSION)
     except DATABASE_ERRORS as error:
         raise database_error(error, "reading the schema version") from None
     return version

@@ -37,6 +37,55 @@ DELETE FROM rabbit_archive.capture_pending WHERE vhost = $1::text AND session_id
 # A batch retried after a lost COMMIT reply: its fingerprints (written or matched) exist only if it committed.
 BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending WHERE batch_id = $1)"
 
+# --- schema and database (archive/migrate.py, archive/db.py) -------------------------------
+
+# One lock for the whole product: replicas starting together apply the migrations in turn.
+# The product's advisory lock keys in the one-bigint space are 0x72616262697400NN ("rabbit\0"
+# and a number): 01 migrations, 02 partitions, 03 the selection fence.
+MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(8241976967880245249)"
+
+MIGRATIONS_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS rabbit_archive;
+CREATE TABLE IF NOT EXISTS rabbit_archive.schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+APPLIED_MIGRATIONS = "SELECT version FROM rabbit_archive.schema_migrations"
+
+RECORD_MIGRATION = "INSERT INTO rabbit_archive.schema_migrations (version, name) VALUES ($1, $2)"
+
+SCHEMA_EXISTS = "SELECT to_regclass('rabbit_archive.schema_migrations') IS NOT NULL"
+
+SCHEMA_VERSION = "SELECT max(version) FROM rabbit_archive.schema_migrations"
+
+# The server quotes the identifier (format %I): no database name is ever spliced in by hand.
+CREATE_DATABASE = "SELECT format('CREATE DATABASE %I', $1::text)"
+
+CURRENT_USER = "SELECT current_user"
+
+NOW = "SELECT now()"
+
+# Which of the privileges ($1 privileges, $2 tables of schema rabbit_archive, in pairs) the
+# current role lacks, USAGE on the schema first. By object id, so that a role without USAGE
+# on the schema gets the whole list, not an error.
+MISSING_PRIVILEGES = """
+SELECT missing FROM (
+    SELECT 0::bigint AS position, 'USAGE on schema rabbit_archive' AS missing
+    FROM pg_namespace AS n
+    WHERE n.nspname = 'rabbit_archive' AND NOT has_schema_privilege(n.oid, 'USAGE')
+    UNION ALL
+    SELECT w.position, w.privilege || ' on rabbit_archive.' || w.relname
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(privilege, relname, position)
+    JOIN pg_namespace AS n ON n.nspname = 'rabbit_archive'
+    JOIN pg_class AS c ON c.relnamespace = n.oid AND c.relname = w.relname
+    WHERE NOT has_table_privilege(c.oid, w.privilege)
+) AS found
+ORDER BY position
+"""
+
 # --- the selection watermark ----------------------------------------------------------------
 #
 # Archive ids are taken at COPY time but become visible in commit order: with two capture
@@ -46,7 +95,6 @@ BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending W
 # transactions in flight to commit, and any transaction that starts after it takes ids, and
 # capture times, above what the reader saw. (A key of its own in the one-bigint key space;
 # the replay locks use the two-integer space.)
-SELECTION_FENCE_KEY = 0x7261626269740003  # written out in the statements below
 
 # A capture transaction's first statement: the fence, then the capture time of its rows,
 # read after the fence so that it is later than any watermark fixed before it (the
@@ -63,6 +111,29 @@ FENCE_SELECTION = "SELECT pg_advisory_xact_lock(8241976967880245251)"
 
 # Read with the fence held: no transaction that could still commit a lower id is in flight.
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM rabbit_archive.messages"
+
+# --- filter conditions (replay/filters.py joins them with AND) -----------------------------
+#
+# Each {} is the $n placeholder of a value, never the value itself.
+FILTER_EXCHANGES = "exchange = ANY({}::text[])"
+FILTER_VHOSTS = "vhost = ANY({}::text[])"
+FILTER_ROUTING_KEY = "routing_key = {}::text"
+# A topic pattern as a regular expression over "." + the routing key (see filters.topic_regex).
+FILTER_ROUTING_PATTERN = "(CASE WHEN routing_key = '' THEN '' ELSE '.' || routing_key END) ~ {}::text"
+FILTER_SINCE = "captured_at >= {}::timestamptz"
+FILTER_UNTIL = "captured_at < {}::timestamptz"
+FILTER_FROM_ID = "id >= {}::bigint"
+FILTER_TO_ID = "id <= {}::bigint"
+FILTER_AFTER_ID = "id > {}::bigint"
+# `?` lets an index on headers help; `->>` compares the text form of any JSON value, so
+# --header attempt=3 matches the integer 3 and the string "3" alike.
+FILTER_HEADER = "headers ? {0}::text AND headers ->> {0}::text = {1}::text"
+FILTER_MESSAGE_ID = "message_id = {}::text"
+FILTER_CORRELATION_ID = "correlation_id = {}::text"
+# Bytes, not LIKE: quotes, %, _ and backslashes are plain text to match.
+FILTER_BODY_CONTAINS = "position({}::bytea IN body) > 0"
+FILTER_BODY_JSON = "rabbit_archive.body_json(body) #>> {}::text[] = {}::text"
+FILTER_NOT_A_REPLAY = "replay_id IS NULL"
 
 # --- reading the archive (replay/selection.py) -------------------------------------------
 #
@@ -100,6 +171,9 @@ FROM rabbit_archive.messages WHERE {where}
 GROUP BY vhost, exchange, routing_key, exchange_raw
 ORDER BY messages DESC, vhost, exchange, routing_key
 """
+
+# Taken by whoever creates partitions (the daemon's replicas), so that they do it in turn.
+PARTITION_LOCK = "SELECT pg_advisory_xact_lock(8241976967880245250)"
 
 ENSURE_PARTITIONS = "SELECT rabbit_archive.ensure_partitions($1::date, $2::integer)"
 
@@ -312,3 +386,35 @@ WHERE event = 'unavailable'
 
 # The oldest capture time in the archive (where a coverage window without --since starts).
 OLDEST_CAPTURE = "SELECT min(captured_at) FROM rabbit_archive.messages"
+
+# --- the web console (replay/web/) --------------------------------------------------------
+#
+# {where} is replay.filters.where_clause's output, as above; {width} a bar width in seconds
+# that the console chose from a fixed list (replay/web/views.py).
+
+# Where the traffic chart of a selection without `since` starts.
+WEB_FIRST_CAPTURE = "SELECT min(captured_at) FROM rabbit_archive.messages WHERE {where}"
+
+# Messages per exchange per bar; bars are numbered from the epoch, so they fall on round times.
+WEB_TRAFFIC = """
+SELECT exchange, floor(extract(epoch FROM captured_at) / {width})::bigint AS bar, count(*) AS messages
+FROM rabbit_archive.messages WHERE {where}
+GROUP BY exchange, bar
+"""
+
+# /healthz: the database answers.
+WEB_PING = "SELECT 1"
+
+# One message with at most $2 bytes of its body (its body_size is the whole size): a message
+# page never holds a 64 MB body to show its first 64 KiB.
+WEB_MESSAGE = """
+SELECT id, captured_at, vhost, exchange, routing_key, exchange_raw, routing_key_raw, redelivered,
+       properties_raw, properties, headers, substring(body FROM 1 FOR $2::integer) AS body, body_size,
+       replay_id
+FROM rabbit_archive.messages WHERE id = $1::bigint
+"""
+
+# $3 bytes of a message's body from byte $2 (1-based): a download is streamed in such slices.
+WEB_BODY_SLICE = """
+SELECT substring(body FROM $2::integer FOR $3::integer) FROM rabbit_archive.messages WHERE id = $1::bigint
+"""

@@ -23,7 +23,7 @@ from rabbit_archive.archive.errors import (
     describe,
     reply_text,
 )
-from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.archive.stopping import Backoff, sleep_unless
 from rabbit_archive.capture import firehose
 from rabbit_archive.capture.acks import Acknowledger
 from rabbit_archive.capture.batching import Batcher, Delivery
@@ -36,10 +36,10 @@ from rabbit_archive.capture.store import ArchiveStore
 from rabbit_archive.config.settings import Settings, mask_url
 from rabbit_archive.config.urls import split_hosts
 
-log = logging.getLogger("rabbit_archive.capture")
+log = logging.getLogger(__name__)
 
 # Errors that end a broker session; the supervisor reconnects after a backoff.
-BROKER_ERRORS: tuple[type[Exception], ...] = (
+SESSION_ENDING_ERRORS: tuple[type[Exception], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
@@ -51,25 +51,6 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
 
 # Seconds before a vhost that could not be captured (see VhostCapture.run) is tried again.
 VHOST_RETRY = 15.0
-
-
-class Backoff:
-    """Exponential delays with jitter between reconnection attempts."""
-
-    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
-        self._first = first
-        self._cap = cap
-        self._next = first
-
-    def next(self) -> float:
-        """The delay before the next attempt."""
-        delay = self._next
-        self._next = min(self._cap, self._next * 2)
-        return delay * random.uniform(0.8, 1.2)
-
-    def reset(self) -> None:
-        """Start again from the shortest delay (after a success)."""
-        self._next = self._first
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -193,7 +174,7 @@ class VhostCapture:
                 )
                 await sleep_unless(self._stop, VHOST_RETRY)
                 continue
-            except BROKER_ERRORS as error:
+            except SESSION_ENDING_ERRORS as error:
                 self._metrics.errors.labels("broker").inc()
                 log.warning(
                     "broker_session_lost",
@@ -236,7 +217,7 @@ class VhostCapture:
                 f"RabbitMQ did not let the user of {mask_url(self._url)} into vhost {self._vhost!r}: the "
                 "vhost does not exist or the user has no permissions there"
             ) from None
-        except BROKER_ERRORS as error:
+        except SESSION_ENDING_ERRORS as error:
             raise BrokerUnavailable(f"cannot connect to {mask_url(self._url)}: {describe(error)}") from error
         self._ever_connected = True
         try:
@@ -271,7 +252,7 @@ class VhostCapture:
                     await self._count_dropped(connection)
         except* (QueueMismatch, UsageError) as errors:
             raise errors.exceptions[0] from None
-        except* BROKER_ERRORS as errors:
+        except* SESSION_ENDING_ERRORS as errors:
             raise errors.exceptions[0] from None
         except* Exception as errors:
             if not connection.is_closed:
@@ -285,7 +266,7 @@ class VhostCapture:
             self._health.set_consuming(self._vhost, False)
             self._metrics.connected.labels(self._vhost).set(0)
             if not connection.is_closed:
-                with contextlib.suppress(*BROKER_ERRORS):
+                with contextlib.suppress(*SESSION_ENDING_ERRORS):
                     await asyncio.wait_for(connection.close(), timeout=5)
 
     async def _count_dropped(self, connection: aiormq.abc.AbstractConnection) -> None:

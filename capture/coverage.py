@@ -24,7 +24,7 @@ from rabbit_archive.archive.errors import describe
 from rabbit_archive.capture.binding_plan import ExchangeState
 from rabbit_archive.capture.binding_states import storable_text
 
-log = logging.getLogger("rabbit_archive.capture.coverage")
+log = logging.getLogger(__name__)
 
 # Events kept in memory while the database is away, at most (the oldest are dropped first).
 MAX_PENDING = 10_000

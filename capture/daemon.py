@@ -14,8 +14,9 @@ from rabbit_archive.archive.errors import (
     DatabaseUnavailable,
 )
 from rabbit_archive.archive.migrate import apply_migrations
-from rabbit_archive.archive.stopping import sleep_unless
-from rabbit_archive.capture.consumer import Backoff, VhostCapture
+from rabbit_archive.archive.signals import stop_on_signals
+from rabbit_archive.archive.stopping import Backoff, sleep_unless
+from rabbit_archive.capture.consumer import VhostCapture
 from rabbit_archive.capture.coverage import CoverageEvent, CoverageLog
 from rabbit_archive.capture.discovery import BindingKeeper
 from rabbit_archive.capture.events import watch_topology_events
@@ -23,11 +24,10 @@ from rabbit_archive.capture.health import Health
 from rabbit_archive.capture.http import HealthServer
 from rabbit_archive.capture.management import ManagementApi, VhostRefused, management_client
 from rabbit_archive.capture.metrics import CaptureMetrics
-from rabbit_archive.capture.signals import stop_on_signals
 from rabbit_archive.capture.store import PostgresStore
 from rabbit_archive.config.settings import Settings, mask_url
 
-log = logging.getLogger("rabbit_archive.capture")
+log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL = 600.0
 COVERAGE_INTERVAL = 5.0
@@ -220,7 +220,7 @@ async def run_daemon(settings: Settings) -> None:
         },
     )
     try:
-        with stop_on_signals(stop):
+        with stop_on_signals(stop, logged=True):
             main = asyncio.create_task(_capture(settings, stop, health, metrics), name="capture")
             stopping = asyncio.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)

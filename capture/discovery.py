@@ -36,7 +36,7 @@ from rabbit_archive.capture.management import ManagementApi
 from rabbit_archive.capture.metrics import CaptureMetrics
 from rabbit_archive.config.settings import Settings
 
-log = logging.getLogger("rabbit_archive.capture.discovery")
+log = logging.getLogger(__name__)
 
 # An exchange whose binding the broker refused (no read permission) is tried again after this
 # many seconds, not every round: each refusal is a channel error in the broker's log.

@@ -20,7 +20,7 @@ from rabbit_archive.archive.amqp_codec import CodecError, decode_properties
 from rabbit_archive.archive.stopping import sleep_unless
 from rabbit_archive.config.settings import Settings, mask_url
 
-log = logging.getLogger("rabbit_archive.capture.events")
+log = logging.getLogger(__name__)
 
 EVENT_EXCHANGE = "amq.rabbitmq.event"
 # Events that can change what the archive queue should be bound to.

@@ -14,7 +14,7 @@ import httpx
 from rabbit_archive.archive.errors import AccessRefused, BrokerUnavailable, UsageError
 from rabbit_archive.config.settings import Settings
 
-log = logging.getLogger("rabbit_archive.capture.management")
+log = logging.getLogger(__name__)
 
 
 class VhostRefused(AccessRefused):

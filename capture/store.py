@@ -23,9 +23,8 @@ from rabbit_archive.archive.records import (
 from rabbit_archive.capture.batching import Delivery
 from rabbit_archive.capture.binding_states import storable_text
 
-log = logging.getLogger("rabbit_archive.capture.store")
+log = logging.getLogger(__name__)
 
-PARTITION_LOCK_ID = 0x7261626269740002
 _PENDING_COLUMNS = ("fingerprint", "batch_id", "session_id", "vhost")
 _EXCHANGE = MESSAGE_COLUMNS.index("exchange")
 _COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")
@@ -267,7 +266,7 @@ class PostgresStore:
         today = datetime.now(UTC).date()
         try:
             async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK_ID)
+                await connection.execute(queries.PARTITION_LOCK)
                 created: int = await connection.fetchval(queries.ENSURE_PARTITIONS, today, days_ahead + 1)
                 return created
         except DATABASE_ERRORS as error:

@@ -37,7 +37,7 @@ __all__ = [
     "Outcome",
 ]
 
-log = logging.getLogger("rabbit_archive.inbox")
+log = logging.getLogger(__name__)
 
 # What a handler is given: a connection borrowed from the inbox's pool, inside the open transaction.
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
@@ -186,10 +186,9 @@ class Inbox:
                         await fn(message, tx.connection)
             except Exception:
                 log.warning(
-                    "inbox handler failed, message rejected",
+                    "inbox.failed",
                     exc_info=True,
                     extra={
-                        "event": "inbox.failed",
                         "consumer": self.consumer,
                         "message_id": message.message_id,
                         "requeue": requeue,
@@ -228,10 +227,7 @@ class Inbox:
             self._on_outcome(outcome, key, message)
         except Exception:
             # A metrics hook that fails must not turn a committed message into a rejected one.
-            log.exception(
-                "inbox outcome hook failed",
-                extra={"event": "inbox.hook_failed", "consumer": self.consumer, "outcome": outcome.value},
-            )
+            log.exception("inbox.hook_failed", extra={"consumer": self.consumer, "outcome": outcome.value})
 
 
 def _replay_id(message: AbstractIncomingMessage) -> str | None:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from rabbit_archive.archive import queries
 from rabbit_archive.archive.errors import UsageError
 from rabbit_archive.config.durations import parse_duration
 
@@ -265,43 +266,35 @@ def where_clause(
     """The WHERE clause (without the keyword) and its parameters; after_id/through_id bound a page."""
     q = _Query()
     if filters.exchanges:
-        q.add(f"exchange = ANY({q.param(list(filters.exchanges))}::text[])")
+        q.add(queries.FILTER_EXCHANGES.format(q.param(list(filters.exchanges))))
     if filters.vhosts:
-        q.add(f"vhost = ANY({q.param(list(filters.vhosts))}::text[])")
+        q.add(queries.FILTER_VHOSTS.format(q.param(list(filters.vhosts))))
     if filters.routing_key is not None:
         if _WILDCARDS.isdisjoint(filters.routing_key.split(".")):
-            q.add(f"routing_key = {q.param(filters.routing_key)}::text")
+            q.add(queries.FILTER_ROUTING_KEY.format(q.param(filters.routing_key)))
         else:
-            dotted = "(CASE WHEN routing_key = '' THEN '' ELSE '.' || routing_key END)"
-            q.add(f"{dotted} ~ {q.param(topic_regex(filters.routing_key))}::text")
+            q.add(queries.FILTER_ROUTING_PATTERN.format(q.param(topic_regex(filters.routing_key))))
     if filters.since is not None:
-        q.add(f"captured_at >= {q.param(filters.since)}::timestamptz")
+        q.add(queries.FILTER_SINCE.format(q.param(filters.since)))
     if filters.until is not None:
-        q.add(f"captured_at < {q.param(filters.until)}::timestamptz")
+        q.add(queries.FILTER_UNTIL.format(q.param(filters.until)))
     if filters.from_id is not None:
-        q.add(f"id >= {q.param(filters.from_id)}::bigint")
-    if filters.to_id is not None:
-        q.add(f"id <= {q.param(filters.to_id)}::bigint")
-    if filters.upto_id is not None:
-        q.add(f"id <= {q.param(filters.upto_id)}::bigint")
+        q.add(queries.FILTER_FROM_ID.format(q.param(filters.from_id)))
+    for bound in (filters.to_id, filters.upto_id, through_id):
+        if bound is not None:
+            q.add(queries.FILTER_TO_ID.format(q.param(bound)))
     if after_id is not None:
-        q.add(f"id > {q.param(after_id)}::bigint")
-    if through_id is not None:
-        q.add(f"id <= {q.param(through_id)}::bigint")
+        q.add(queries.FILTER_AFTER_ID.format(q.param(after_id)))
     for key, value in filters.headers:
-        # `?` lets an index on headers help; `->>` compares the text form of any JSON value,
-        # so --header attempt=3 matches the integer 3 and the string "3" alike.
-        key_param = q.param(key)
-        q.add(f"headers ? {key_param}::text AND headers ->> {key_param}::text = {q.param(value)}::text")
+        q.add(queries.FILTER_HEADER.format(q.param(key), q.param(value)))
     if filters.message_id is not None:
-        q.add(f"message_id = {q.param(filters.message_id)}::text")
+        q.add(queries.FILTER_MESSAGE_ID.format(q.param(filters.message_id)))
     if filters.correlation_id is not None:
-        q.add(f"correlation_id = {q.param(filters.correlation_id)}::text")
+        q.add(queries.FILTER_CORRELATION_ID.format(q.param(filters.correlation_id)))
     if filters.body_contains is not None:
-        # Bytes, not LIKE: quotes, %, _ and backslashes are plain text to match.
-        q.add(f"position({q.param(body_bytes(filters.body_contains))}::bytea IN body) > 0")
+        q.add(queries.FILTER_BODY_CONTAINS.format(q.param(body_bytes(filters.body_contains))))
     for path, value in filters.body_json:
-        q.add(f"rabbit_archive.body_json(body) #>> {q.param(list(path))}::text[] = {q.param(value)}::text")
+        q.add(queries.FILTER_BODY_JSON.format(q.param(list(path)), q.param(value)))
     if not filters.include_replays:
-        q.add("replay_id IS NULL")
+        q.add(queries.FILTER_NOT_A_REPLAY)
     return (" AND ".join(q.conditions) or "TRUE"), q.params

@@ -31,6 +31,7 @@ from rabbit_archive.archive.errors import (
     UsageError,
     describe,
 )
+from rabbit_archive.archive.signals import on_signals, stop_on_signals
 from rabbit_archive.config.settings import Settings, mask_url
 from rabbit_archive.replay import coverage, history, selection
 from rabbit_archive.replay.filters import Filters
@@ -41,7 +42,7 @@ from rabbit_archive.replay.runner import Counts, Job, Progress, ReplayStopped, e
 from rabbit_archive.replay.selection import ArchivedMessage, Group
 from rabbit_archive.replay.tagging import Tag
 
-log = logging.getLogger("rabbit_archive.replay")
+log = logging.getLogger(__name__)
 
 SAMPLES = 5
 
@@ -51,21 +52,6 @@ READ: tuple[tuple[str, str], ...] = (("SELECT", "messages"), ("SELECT", "schema_
 READ_HISTORY = (*READ, ("SELECT", "replays"))
 WRITE_HISTORY = (*READ_HISTORY, ("INSERT", "replays"), ("UPDATE", "replays"))
 
-# By object id, so that a role without USAGE on the schema gets the whole list, not an error.
-_MISSING_PRIVILEGES = """
-SELECT missing FROM (
-    SELECT 0::bigint AS position, 'USAGE on schema rabbit_archive' AS missing
-    FROM pg_namespace AS n
-    WHERE n.nspname = 'rabbit_archive' AND NOT has_schema_privilege(n.oid, 'USAGE')
-    UNION ALL
-    SELECT w.position, w.privilege || ' on rabbit_archive.' || w.relname
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(privilege, relname, position)
-    JOIN pg_namespace AS n ON n.nspname = 'rabbit_archive'
-    JOIN pg_class AS c ON c.relnamespace = n.oid AND c.relname = w.relname
-    WHERE NOT has_table_privilege(c.oid, w.privilege)
-) AS found
-ORDER BY position
-"""
 GRANTS_HINT = "see 'Least privilege' in README.md for the GRANTs"
 
 
@@ -74,10 +60,10 @@ async def check_privileges(
 ) -> None:
     """AccessRefused naming every missing privilege, before anything is done (or published)."""
     rows = await connection.fetch(
-        _MISSING_PRIVILEGES, [privilege for privilege, _ in needs], [table for _, table in needs]
+        queries.MISSING_PRIVILEGES, [privilege for privilege, _ in needs], [table for _, table in needs]
     )
     if rows:
-        user = await connection.fetchval("SELECT current_user")
+        user = await connection.fetchval(queries.CURRENT_USER)
         missing = ", ".join(dict.fromkeys(row[0] for row in rows))
         raise AccessRefused(f"PostgreSQL user {user!r} lacks {missing}: {GRANTS_HINT}")
 
@@ -138,23 +124,20 @@ async def export(settings: Settings, filters: Filters, target: TextIO) -> int:
         stopped.append(True)
         task.cancel()
 
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop)
     written = 0
     digest = hashlib.sha256()
     try:
-        async for message in find(settings, filters, None):
-            line = json_line(full_json(message)) + "\n"
-            target.write(line)
-            digest.update(line.encode("utf-8"))
-            written += 1
-        target.write(export_end_line(written, digest.hexdigest()) + "\n")
+        with on_signals(stop, (signal.SIGTERM,)):
+            async for message in find(settings, filters, None):
+                line = json_line(full_json(message)) + "\n"
+                target.write(line)
+                digest.update(line.encode("utf-8"))
+                written += 1
+            target.write(export_end_line(written, digest.hexdigest()) + "\n")
     except asyncio.CancelledError:
         if not stopped:
             raise
         raise ExportStopped(f"export stopped by SIGTERM after {written} messages") from None
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
     return written
 
 
@@ -325,7 +308,7 @@ async def _verdict(
     now; None when there is no coverage history the user may read."""
     if not await connection.fetchval(queries.COVERAGE_EXISTS):
         return None
-    now = await connection.fetchval("SELECT now()")
+    now = await connection.fetchval(queries.NOW)
     begin = filters.since or start or now
     end = min(filters.until or now, now)
     rows = await connection.fetch(queries.COVERAGE_EVENTS, begin, end)
@@ -482,18 +465,6 @@ async def _check_target(publisher: Publisher, target: Target, groups: list[Group
             )
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        yield
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
 async def _run_job(
     job: Job,
     connection: "asyncpg.Connection[asyncpg.Record]",
@@ -508,7 +479,7 @@ async def _run_job(
     stop = asyncio.Event()
     status, error_text = "completed", None
     try:
-        with _stop_on_signals(stop):
+        with stop_on_signals(stop):
             await execute(job, connection=connection, publisher=publisher, stop=stop, progress=progress)
         if job.failed:
             kinds = list(job.failed.values())

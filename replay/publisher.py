@@ -20,11 +20,11 @@ from rabbit_archive.config.settings import mask_url
 from rabbit_archive.config.urls import split_hosts
 from rabbit_archive.replay.tagging import REPLAY_ARCHIVE_ID
 
-log = logging.getLogger("rabbit_archive.replay")
+log = logging.getLogger(__name__)
 
 # Errors that mean the broker connection is gone: with several hosts in AMQP_URL the replay goes
 # on with another node (replay.runner), else it stops and can be resumed.
-BROKER_ERRORS: tuple[type[Exception], ...] = (
+CONNECTION_LOST_ERRORS: tuple[type[Exception], ...] = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.ChannelClosed,
@@ -107,7 +107,7 @@ class Publisher:
                 f"exist or the user has no permissions there (rabbitmqctl set_permissions -p "
                 f"{self._vhost} {self._user} '^$' '<write regex>' '^$')"
             ) from None
-        except BROKER_ERRORS as error:
+        except CONNECTION_LOST_ERRORS as error:
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {mask_url(self._url)}: {describe(error)}"
             ) from None
@@ -117,7 +117,7 @@ class Publisher:
         self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
         if self.can_fail_over:
             # Which node of the cluster, as the daemon's `consuming` line says it.
-            log.info("connected", extra={"event": "replay.connected", "node": self.node})
+            log.info("replay.connected", extra={"node": self.node})
 
     @property
     def can_fail_over(self) -> bool:
@@ -179,9 +179,8 @@ class Publisher:
             self.returned_ids.append(archive_id)
             self._unclaimed_returns[archive_id] += 1
         log.warning(
-            "message returned as unroutable",
+            "replay.returned",
             extra={
-                "event": "replay.returned",
                 "archive_id": archive_id,
                 "exchange": frame.exchange,
                 "routing_key": frame.routing_key,
@@ -316,7 +315,7 @@ class Publisher:
     async def close(self) -> None:
         """Close the connection (confirms still outstanding are abandoned)."""
         if self._connection is not None:
-            with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
+            with contextlib.suppress(*CONNECTION_LOST_ERRORS, RuntimeError):
                 # A blocked or silent broker never answers connection.close.
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self._connection.close()

@@ -28,16 +28,16 @@ from rabbit_archive.archive.errors import (
     UsageError,
     describe,
 )
-from rabbit_archive.archive.stopping import sleep_unless
+from rabbit_archive.archive.stopping import Backoff, sleep_unless
 from rabbit_archive.replay import history, selection
 from rabbit_archive.replay.filters import Filters
 from rabbit_archive.replay.history import Target
-from rabbit_archive.replay.publisher import BROKER_ERRORS, Nacked, Publisher, Returned
+from rabbit_archive.replay.publisher import CONNECTION_LOST_ERRORS, Nacked, Publisher, Returned
 from rabbit_archive.replay.records import from_export_line
 from rabbit_archive.replay.selection import ArchivedMessage
 from rabbit_archive.replay.tagging import Tag, tagged_properties
 
-log = logging.getLogger("rabbit_archive.replay")
+log = logging.getLogger(__name__)
 
 # Publishes awaiting their confirm: enough to keep the broker busy, few enough that an
 # interruption sends at most this many messages twice.
@@ -52,7 +52,7 @@ STOP_GRACE = 20.0
 # as interrupted (a node that is down refuses at once: the next one usually answers in the first
 # round), and the pauses between rounds when none answers. A stop request cuts it short.
 FAILOVER_DEADLINE = 30.0
-FAILOVER_PAUSES = (0.2, 0.5, 1.0, 2.0, 5.0)
+FAILOVER_PAUSES = (0.2, 5.0)  # first and longest (archive.stopping.Backoff)
 
 T = TypeVar("T")
 
@@ -214,7 +214,7 @@ class ConfirmWindow:
             self._count(outcome, 1)
             if outcome in ("nacked", "returned"):
                 self.failed[position] = outcome
-                log.warning(f"message {outcome}", extra={"event": f"replay.{outcome}", "position": position})
+                log.warning(f"replay.{outcome}", extra={"position": position})
             if not head.retry:
                 self.cursor = max(self.cursor, position)
             if not self.failed:
@@ -321,8 +321,8 @@ async def _archive_retries(connection: Connection, job: Job) -> AsyncIterator[tu
             setattr(job.counts, outcome, getattr(job.counts, outcome) - 1)
             job.counts.skipped += 1
             log.error(
-                "message to send again is no longer archived",
-                extra={"event": "replay.skipped", "archive_id": archive_id},
+                "replay.skipped",
+                extra={"archive_id": archive_id, "error": "no longer archived"},
             )
             continue
         yield archive_id, message
@@ -503,10 +503,7 @@ async def execute(
                 except (CodecError, UnicodeEncodeError) as error:
                     # Stored bytes that cannot go on the wire again: reported, never silently dropped.
                     counts.skipped += 1
-                    log.error(
-                        "message cannot be republished",
-                        extra={"event": "replay.skipped", "archive_id": message.id, "error": describe(error)},
-                    )
+                    log.error("replay.skipped", extra={"archive_id": message.id, "error": describe(error)})
                     window.add(position, None, retry=retry)
                     current = None
                     continue
@@ -533,7 +530,7 @@ async def execute(
         failure = error
     finally:
         progress.stop()
-    lost = isinstance(failure, (*BROKER_ERRORS, BrokerUnavailable))
+    lost = isinstance(failure, (*CONNECTION_LOST_ERRORS, BrokerUnavailable))
     # A connection that is gone answers nothing more: what it confirmed is settled at once.
     await window.drain(0 if lost and publisher.closed else STOP_GRACE, strict=False)
     if failure is None:
@@ -549,7 +546,7 @@ async def execute(
         if failure is None or not isinstance(failure, DatabaseUnavailable):
             raise
     if failure is not None:
-        if isinstance(failure, BROKER_ERRORS):
+        if isinstance(failure, CONNECTION_LOST_ERRORS):
             raise BrokerUnavailable(f"lost the broker during the replay: {describe(failure)}") from None
         raise failure
     if unconfirmed:
@@ -561,7 +558,7 @@ async def execute(
 
 def _broker_error(error: BaseException) -> bool:
     # aiormq fails what waits on a dropped connection with its close reason, or a bare Exception.
-    return isinstance(error, (*BROKER_ERRORS, BrokerUnavailable)) or type(error) is Exception
+    return isinstance(error, (*CONNECTION_LOST_ERRORS, BrokerUnavailable)) or type(error) is Exception
 
 
 async def fail_over(
@@ -586,15 +583,14 @@ async def fail_over(
     with contextlib.suppress(BrokerUnavailable):
         window.settle()
     log.warning(
-        "broker connection lost",
+        "replay.broker_lost",
         extra={
-            "event": "replay.broker_lost",
             "node": lost_node,
             "error": describe(error),
             "unconfirmed": len(window),
         },
     )
-    pauses = iter(FAILOVER_PAUSES)
+    pauses = Backoff(*FAILOVER_PAUSES)
     last_error: BaseException = error
     while not stop.is_set():
         left = lost_at + FAILOVER_DEADLINE - time.monotonic()
@@ -614,15 +610,14 @@ async def fail_over(
                 raise
             last_error = failed
             left = lost_at + FAILOVER_DEADLINE - time.monotonic()
-            await sleep_unless(stop, max(0.0, min(next(pauses, FAILOVER_PAUSES[-1]), left)))
+            await sleep_unless(stop, max(0.0, min(pauses.next(), left)))
             continue
         if node is None:  # stopped while connecting
             break
         resent = window.resend_lost()
         log.warning(
-            "replay continues on another node",
+            "replay.failed_over",
             extra={
-                "event": "replay.failed_over",
                 "node": node,
                 "lost_node": lost_node,
                 "seconds": round(time.monotonic() - lost_at, 3),

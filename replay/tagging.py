@@ -60,19 +60,31 @@ def tagged_properties(
 ) -> bytes:
     """The property bytes to publish: the original ones plus the replay headers.
 
+    A message that is itself a replay keeps its x-original-* values: they name where and when
+    it was first published and captured, which a consumer's idempotency key (rabbit_archive.inbox)
+    and an operator tracing it both need, not where the earlier replay sent it.
     Raises archive.amqp_codec.CodecError when the stored bytes cannot be decoded.
     """
+    props = decode_properties(properties_raw)  # validates, and raises CodecError for garbage
+    earlier = dict(props.headers or ())
+    first: dict[bytes, FieldValue] = {
+        ORIGINAL_EXCHANGE: ("S", original_exchange),
+        ORIGINAL_ROUTING_KEY: ("S", original_routing_key),
+        ORIGINAL_CAPTURED_AT: ("T", captured_at),
+    }
+    if REPLAY_ID in earlier:
+        for key, value in first.items():
+            found = earlier.get(key)
+            if found is not None and found[0] == value[0]:  # a value of another type is not ours
+                first[key] = found
     added: list[tuple[bytes, FieldValue]] = [
         (REPLAY_ID, ("S", tag.replay_id.encode())),
         (REPLAY_ARCHIVE_ID, ("l", archive_id)),
         (REPLAYED_AT, ("T", replayed_at)),
-        (ORIGINAL_EXCHANGE, ("S", original_exchange)),
-        (ORIGINAL_ROUTING_KEY, ("S", original_routing_key)),
-        (ORIGINAL_CAPTURED_AT, ("T", captured_at)),
+        *first.items(),
     ]
     if tag.reason:
         added.append((REPLAY_REASON, ("S", tag.reason.encode())))
-    props = decode_properties(properties_raw)  # validates, and raises CodecError for garbage
     if new_message_id is None and not any(key in _REPLACED for key, _ in props.headers or ()):
         # The common case: the tags appended to the table's bytes, nothing re-encoded.
         spliced = _append_entries(properties_raw, encode_table(added)[4:])

@@ -214,7 +214,7 @@ def test_every_header_type_and_property_round_trips_byte_for_byte_through_captur
         assert original_raw_table in copy_raw
         for name in EVERY_PROPERTY:
             assert getattr(copy, name) == getattr(original, name), name
-        # The replay tags, typed as PRODUCT.md says.
+        # The replay tags, typed as README "Replay headers" says.
         typed = {key: value for key, value in tags}
         expected_types = {key: letter for key, letter in TAGS.items() if key != b"x-replay-reason"}
         assert {key: value[0] for key, value in typed.items()} == expected_types

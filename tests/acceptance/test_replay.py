@@ -213,7 +213,7 @@ def test_each_filter_alone_and_combined_selects_exactly_the_right_messages(archi
     ]
     assert ids_of(archive, *combined) == ["m-0"]
     assert ok(archive.replay("find", "--routing-key", "eu.#", "--count")).strip() == "5"
-    # The JSON objects carry the keys of PRODUCT.md.
+    # The JSON objects carry the keys README lists.
     first = found[0]
     assert {"id", "captured_at", "vhost", "exchange", "routing_key", "properties", "headers"} <= set(first)
     assert {"body_size", "redelivered", "replay_id"} <= set(first)

@@ -271,7 +271,7 @@ async def test_a_node_lost_after_the_last_publish_still_gets_the_last_window_con
 async def test_nodes_that_do_not_answer_for_a_while_are_tried_again_until_one_does(
     monkeypatch: pytest.MonkeyPatch, cluster_factory: Callable[..., Cluster]
 ) -> None:
-    monkeypatch.setattr(runner, "FAILOVER_PAUSES", (0.01,))
+    monkeypatch.setattr(runner, "FAILOVER_PAUSES", (0.01, 0.01))
     ids = list(range(1, 1_501))
     cluster = cluster_factory(drop_after=(600,))
     cluster.reconnect_plan.extend(
@@ -289,7 +289,7 @@ async def test_without_a_node_within_the_deadline_the_replay_stops_with_the_curs
     monkeypatch: pytest.MonkeyPatch, cluster_factory: Callable[..., Cluster]
 ) -> None:
     monkeypatch.setattr(runner, "FAILOVER_DEADLINE", 0.3)
-    monkeypatch.setattr(runner, "FAILOVER_PAUSES", (0.02,))
+    monkeypatch.setattr(runner, "FAILOVER_PAUSES", (0.02, 0.02))
     ids = list(range(1, 2_001))
     cluster = cluster_factory(drop_after=(700,))
     cluster.reconnect_plan.extend([BrokerUnavailable("no node answered")] * 1_000)
@@ -312,7 +312,7 @@ async def test_without_a_node_within_the_deadline_the_replay_stops_with_the_curs
 async def test_a_stop_request_ends_the_reconnect_attempts_at_once(
     monkeypatch: pytest.MonkeyPatch, cluster_factory: Callable[..., Cluster], plan: str
 ) -> None:
-    monkeypatch.setattr(runner, "FAILOVER_PAUSES", (5.0,))
+    monkeypatch.setattr(runner, "FAILOVER_PAUSES", (5.0, 5.0))
     ids = list(range(1, 2_001))
     cluster = cluster_factory(drop_after=(700,))
     cluster.reconnect_plan.extend(["hang"] if plan == "hang" else [BrokerUnavailable("refused")] * 100)

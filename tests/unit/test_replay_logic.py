@@ -274,9 +274,10 @@ def test_a_replay_of_a_replay_carries_one_set_of_tags() -> None:
     assert headers[REPLAY_ID] == ("S", b"replay-2")
     assert headers[REPLAY_ARCHIVE_ID] == ("l", 99)
     assert headers[REPLAYED_AT] == ("T", REPLAYED_AT_S + 60)
-    assert headers[ORIGINAL_EXCHANGE] == ("S", b"replays")
-    assert headers[ORIGINAL_ROUTING_KEY] == ("S", b"rk2")
-    assert headers[ORIGINAL_CAPTURED_AT] == ("T", CAPTURED_AT_S + 30)
+    # Where and when it was first published and captured, not where the first replay sent it.
+    assert headers[ORIGINAL_EXCHANGE] == ("S", RAW_EXCHANGE)
+    assert headers[ORIGINAL_ROUTING_KEY] == ("S", RAW_KEY)
+    assert headers[ORIGINAL_CAPTURED_AT] == ("T", CAPTURED_AT_S)
     assert headers[REPLAY_REASON] == ("S", b"second")
     # No new id this time: the message keeps the first replay's id and its pointer back.
     assert second.message_id == b"new-1"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rabbit_archive.capture.binding_plan import BindingPlan, BoundExchange, Skipped
-from rabbit_archive.capture.cli import _print_status, shown
+from rabbit_archive.capture.rendering import print_status, shown
 from rabbit_archive.capture.status import exchange_states
 
 # Names as a broker may hold them: any text, and bytes that are not UTF-8 (surrogate-escaped).
@@ -85,7 +85,7 @@ def report(names: list[str], queue: str = "rabbit-archive") -> dict[str, Any]:
 
 
 def printed(capsys: pytest.CaptureFixture[str], data: dict[str, Any]) -> str:
-    _print_status(data)
+    print_status(data)
     return capsys.readouterr().out
 
 
@@ -112,7 +112,7 @@ def test_any_name_is_shown_whole_and_changes_nothing_on_the_terminal(names: list
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        _print_status(report(names))
+        print_status(report(names))
     out = buffer.getvalue()
     assert terminal_safe(out)
     for name in names:
