@@ -1,14 +1,20 @@
 """`rabbit-capture run` in a subprocess: draining a backlog, then under a steady publish load.
 
 Drain: the daemon declares and binds, stops, N messages are published to the `bench` exchange, and a
-fresh daemon drains them; the rate is taken from the row count, polled every 0.2 s.
+fresh daemon drains them; the rate is taken from the count of new rows, polled every 0.2 s.
 Steady load: the same daemon keeps running while messages go to `bench-steady` at a fixed rate, each
-with a `published_at_us` header (microseconds since the epoch, taken just before the publish);
-latency is computed in SQL as captured_at minus that header. captured_at is the start time of the
-transaction that stored the row's batch, so the COPY and commit of the batch are not included.
+with a `published_at_us` header (microseconds since the epoch, taken just before the publish).
+Latency is publish → committed: for the load only, a statement trigger on the archive table (the
+benchmark's own database; the daemon knows nothing of it) sends a NOTIFY carrying the last id the
+writing session took, which PostgreSQL delivers when, and only if, the transaction commits; the
+bench listens and stamps each notification on arrival, and a row's commit time is that of the
+first notification whose id reaches the row's. The commit's own time is therefore included, and
+the notification's way to the bench too (a fraction of a millisecond). Also reported: latency to
+captured_at, the time the batch's transaction took its capture lock (before its COPY and commit).
 """
 
 import asyncio
+import bisect
 import contextlib
 import os
 import signal
@@ -16,11 +22,10 @@ import sys
 import tempfile
 import time
 from asyncio.subprocess import STDOUT
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import aio_pika
 import asyncpg
 import httpx
 
@@ -29,32 +34,46 @@ from bench.common import (
     STEADY_EXCHANGE,
     Sizes,
     amqp_url,
-    cancel,
     cpu_seconds,
     esc,
     free_port,
     log,
     log_tail,
-    message,
     peak_rss_mb,
     publish,
+    publish_steadily,
 )
 from rabbit_archive.config.settings import Settings
 
 ARCHIVE_QUEUE: str = Settings.model_fields["queue"].default
 POLL = 0.2
 CAPTURE = Path(sys.executable).parent / "rabbit-capture"
-ROWS = "SELECT count(*) FROM rabbit_archive.messages WHERE exchange = $1"
-LATENCY = """
-SELECT count(*) AS n,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_us) / 1000 AS p50_ms,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_us) / 1000 AS p99_ms,
-       max(latency_us) / 1000 AS max_ms
-FROM (
-    SELECT extract(epoch FROM captured_at) * 1000000 - (headers ->> 'published_at_us')::numeric AS latency_us
-    FROM rabbit_archive.messages
-    WHERE exchange = $1
-) AS latencies
+NEWEST_ID = "SELECT coalesce(max(id), 0) FROM rabbit_archive.messages"
+# Rows above an id: each measurement counts only its own (a database may serve several rounds).
+ROWS = "SELECT count(*) FROM rabbit_archive.messages WHERE exchange = $1 AND id > $2"
+STAMPS = """
+SELECT id, (headers ->> 'published_at_us')::bigint AS published_us,
+       (extract(epoch FROM captured_at) * 1000000)::bigint AS captured_us
+FROM rabbit_archive.messages
+WHERE exchange = $1 AND id > $2
+ORDER BY id
+"""
+COMMITTED = "bench_committed"
+# A NOTIFY is delivered at commit, never for a rolled-back transaction. currval is the last id this
+# session took: with one writer, the statement's last row. Without a transition table, so the COPY
+# keeps its multi-row inserts.
+NOTIFY_COMMITS = """
+CREATE FUNCTION rabbit_archive.bench_committed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_committed', currval('rabbit_archive.messages_id_seq')::text);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_committed AFTER INSERT ON rabbit_archive.messages
+    FOR EACH STATEMENT EXECUTE FUNCTION rabbit_archive.bench_committed();
+"""
+STOP_NOTIFYING = """
+DROP TRIGGER bench_committed ON rabbit_archive.messages;
+DROP FUNCTION rabbit_archive.bench_committed();
 """
 
 
@@ -62,7 +81,13 @@ class Daemon:
     """`rabbit-capture run` in a subprocess, configured only by environment variables."""
 
     def __init__(
-        self, vhost: str, database_url: str, output: IO[bytes], *, settings: Mapping[str, str] | None = None
+        self,
+        vhost: str,
+        database_url: str,
+        output: IO[bytes],
+        *,
+        settings: Mapping[str, str] | None = None,
+        build: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.output = output
@@ -75,12 +100,18 @@ class Daemon:
         }
         # Further settings by their variable's name without the prefix (SOURCE=firehose).
         self.env |= {f"RABBIT_ARCHIVE_{name}": value for name, value in (settings or {}).items()}
+        self.command: list[str | Path] = [CAPTURE, "run"]
+        if build is not None:
+            # Another version of the code (a checkout with the repository's layout): its
+            # src/rabbit_archive comes before the installed one on the import path.
+            self.env["PYTHONPATH"] = str(build / "src")
+            self.command = [sys.executable, "-m", "rabbit_archive.capture", "run"]
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> int:
         """Start the daemon (cwd: a temp dir, so no .env is read); returns its pid."""
         self.process = await asyncio.create_subprocess_exec(
-            CAPTURE, "run", env=self.env, stdout=self.output, stderr=STDOUT, cwd=tempfile.gettempdir()
+            *self.command, env=self.env, stdout=self.output, stderr=STDOUT, cwd=tempfile.gettempdir()
         )
         return self.process.pid
 
@@ -124,6 +155,7 @@ async def drain(
     Leaves the daemon running.
     """
     count = sizes.messages
+    after_id = int(await database.fetchval(NEWEST_ID))
     log.log(f"rabbit-capture: publishing {count} messages to vhost {vhost}")
     await publish(vhost, sizes)
     log.log("rabbit-capture: draining")
@@ -132,7 +164,7 @@ async def drain(
     first: tuple[float, int, float] | None = None  # when, rows then, daemon CPU seconds then
     tick = 0
     while True:
-        rows = int(await database.fetchval(ROWS, EXCHANGE))
+        rows = int(await database.fetchval(ROWS, EXCHANGE, after_id))
         now = time.perf_counter()
         if rows and first is None:
             first = (now, rows, cpu_seconds(pid))
@@ -169,48 +201,69 @@ async def steady(
     sizes: Sizes,
     rate: float,
     seconds: float,
-) -> dict[str, Any]:
-    """Publish at `rate` msg/s for `seconds` to the running daemon; latency percentiles from the rows."""
-    body = sizes.body
+) -> tuple[dict[str, Any], list[float]]:
+    """Publish at `rate` msg/s for `seconds` to the running daemon: latency percentiles, and each latency.
+
+    The latencies (publish → commit, ms) in the order of the rows, for pooling several loads.
+    """
     total = int(rate * seconds)
     log.log(f"rabbit-capture: steady load, {rate:,.0f} msg/s for {seconds:.0f} s")
-    async with await aio_pika.connect(amqp_url(vhost)) as connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(STEADY_EXCHANGE, ensure=False)
-        confirms: list[asyncio.Task[Any]] = []
-        try:
-            started = time.perf_counter()
-            while len(confirms) < total:
-                due = min(total, int((time.perf_counter() - started) * rate) + 1)
-                while len(confirms) < due:
-                    index = sizes.messages + len(confirms)  # message ids apart from the backlog's
-                    stamped = message(index, body, published_at_us=time.time_ns() // 1000)
-                    confirms.append(asyncio.create_task(exchange.publish(stamped, routing_key="steady")))
-                daemon.check_running()
-                await asyncio.sleep(max(0.0, started + due / rate - time.perf_counter()))
-            published_s = time.perf_counter() - started
-            await asyncio.wait_for(asyncio.gather(*confirms), timeout=sizes.timeout(total))
-        finally:
-            await cancel(confirms)
-    deadline = time.perf_counter() + sizes.timeout(total)
-    while (rows := int(await database.fetchval(ROWS, STEADY_EXCHANGE))) < total:
-        daemon.check_running()
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"steady load: only {rows} of {total} rows stored")
-        await asyncio.sleep(POLL)
-    stats = await database.fetchrow(LATENCY, STEADY_EXCHANGE)
-    assert stats is not None
-    if stats["n"] != total or stats["p99_ms"] is None:
-        raise RuntimeError(f"steady load: {stats['n']} rows with a published_at_us header, expected {total}")
-    return {
+    after_id = int(await database.fetchval(NEWEST_ID))
+    commits: list[tuple[int, int]] = []  # (the last id of a committed statement, arrival in µs)
+
+    def on_commit(_connection: object, _pid: int, _channel: str, payload: object) -> None:
+        commits.append((int(str(payload)), time.time_ns() // 1000))
+
+    await database.execute(NOTIFY_COMMITS)
+    await database.add_listener(COMMITTED, on_commit)
+    try:
+        published_s = await publish_steadily(vhost, sizes, total, rate, check=daemon.check_running)
+        deadline = time.perf_counter() + sizes.timeout(total)
+        while (rows := int(await database.fetchval(ROWS, STEADY_EXCHANGE, after_id))) < total:
+            daemon.check_running()
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"steady load: only {rows} of {total} rows stored")
+            await asyncio.sleep(POLL)
+        await asyncio.sleep(POLL)  # the last notification may still be on its way
+    finally:
+        await database.remove_listener(COMMITTED, on_commit)
+        await database.execute(STOP_NOTIFYING)
+    stamps = await database.fetch(STAMPS, STEADY_EXCHANGE, after_id)
+    if len(stamps) != total or any(row["published_us"] is None for row in stamps):
+        raise RuntimeError(f"steady load: {len(stamps)} rows with a published_at_us header, expected {total}")
+    commits.sort()
+    last_ids = [last_id for last_id, _ in commits]
+    committed, started = [], []
+    for row in stamps:
+        index = bisect.bisect_left(last_ids, row["id"])
+        if index == len(commits):
+            raise RuntimeError(f"steady load: no commit notification for row {row['id']}")
+        committed.append((commits[index][1] - row["published_us"]) / 1000)
+        started.append((row["captured_us"] - row["published_us"]) / 1000)
+    batches = len({commits[bisect.bisect_left(last_ids, row["id"])] for row in stamps})
+    summary = {
         "rate_msg_per_s": rate,
         "seconds": seconds,
         "published": total,
         "achieved_msg_per_s": total / published_s,
-        "latency_p50_ms": float(stats["p50_ms"]),
-        "latency_p99_ms": float(stats["p99_ms"]),
-        "latency_max_ms": float(stats["max_ms"]),
+        "latency_p50_ms": percentile(committed, 0.5),
+        "latency_p99_ms": percentile(committed, 0.99),
+        "latency_max_ms": max(committed),
+        "to_write_start_p50_ms": percentile(started, 0.5),
+        "to_write_start_p99_ms": percentile(started, 0.99),
+        "batches": batches,
+        "mean_batch": total / batches,
     }
+    return summary, committed
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Linear interpolation between the closest ranks, as PostgreSQL's percentile_cont."""
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 async def run(
@@ -223,19 +276,24 @@ async def run(
     output: IO[bytes],
 ) -> dict[str, Any]:
     """Both capture phases in one vhost and database; the daemon is stopped at the end."""
-    topic = {"type": "topic", "durable": True}
-    for name in (EXCHANGE, STEADY_EXCHANGE):
-        (await api.put(f"/api/exchanges/{esc(vhost)}/{name}", json=topic)).raise_for_status()
     daemon = Daemon(vhost, database_url, output)
     database = await asyncpg.connect(database_url)
     try:
-        await daemon.start()
-        await wait_bound(api, daemon, vhost)
-        await daemon.stop()
+        await prepare(api, daemon, vhost)
         drained = await drain(daemon, database, vhost, sizes)
-        loaded = await steady(daemon, database, vhost, sizes, steady_rate, steady_seconds)
+        loaded, _ = await steady(daemon, database, vhost, sizes, steady_rate, steady_seconds)
         await daemon.stop()
         return {"drain": drained, "steady": loaded}
     finally:
         await daemon.stop()
         await database.close()
+
+
+async def prepare(api: httpx.AsyncClient, daemon: Daemon, vhost: str) -> None:
+    """Declare the benchmark exchanges; let the daemon declare its queue and bind them, then stop it."""
+    topic = {"type": "topic", "durable": True}
+    for name in (EXCHANGE, STEADY_EXCHANGE):
+        (await api.put(f"/api/exchanges/{esc(vhost)}/{name}", json=topic)).raise_for_status()
+    await daemon.start()
+    await wait_bound(api, daemon, vhost)
+    await daemon.stop()

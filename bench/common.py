@@ -6,7 +6,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -104,6 +104,37 @@ async def publish(
             return time.perf_counter() - started
         finally:
             await cancel(pending)
+
+
+async def publish_steadily(
+    vhost: str, sizes: Sizes, total: int, rate: float, *, check: Callable[[], None] = lambda: None
+) -> float:
+    """Publish `total` messages at `rate` to STEADY_EXCHANGE with routing key `steady`; returns seconds.
+
+    Each message carries a `published_at_us` header (microseconds since the epoch) taken just before
+    it is handed to the client; `check` runs at every tick (it raises to stop). The time runs from
+    the first publish to the last one; the confirms are awaited after it.
+    """
+    body = sizes.body
+    async with await aio_pika.connect(amqp_url(vhost)) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(STEADY_EXCHANGE, ensure=False)
+        confirms: list[asyncio.Task[Any]] = []
+        try:
+            started = time.perf_counter()
+            while len(confirms) < total:
+                due = min(total, int((time.perf_counter() - started) * rate) + 1)
+                while len(confirms) < due:
+                    index = sizes.messages + len(confirms)  # message ids apart from the backlog's
+                    stamped = message(index, body, published_at_us=time.time_ns() // 1000)
+                    confirms.append(asyncio.create_task(exchange.publish(stamped, routing_key="steady")))
+                check()
+                await asyncio.sleep(max(0.0, started + due / rate - time.perf_counter()))
+            published_s = time.perf_counter() - started
+            await asyncio.wait_for(asyncio.gather(*confirms), timeout=sizes.timeout(total))
+        finally:
+            await cancel(confirms)
+    return published_s
 
 
 async def cancel(tasks: Iterable[asyncio.Task[Any]]) -> None:
