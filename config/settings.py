@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     discovery_interval: float = Field(default=5.0, gt=0)
     # Where the rabbitmq_event_exchange plugin publishes (its `vhost` setting, "/" by default).
     event_vhost: str = "/"
+    # `rabbit-replay run` without --yes: above this many messages the count is typed back, not y/n.
+    replay_confirm_count_above: int = Field(default=10000, ge=0)
+    # Publish replays into another broker or vhost (README "Incident replays"); the archive stays.
+    replay_target_url: str | None = Field(default=None, repr=False)
     prefetch: int = Field(default=4000, ge=1, le=65535)
     batch_size: int = Field(default=1000, ge=1)
     batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
@@ -146,6 +150,11 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(default=8.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # The web console (`rabbit-replay web`): loopback only unless WEB_TOKEN guards it.
+    web_host: str = Field(default="127.0.0.1", min_length=1)
+    web_port: int = Field(default=9188, ge=0, le=65535)
+    web_token: str | None = Field(default=None, repr=False)
+    web_statement_timeout: float = Field(default=10.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
@@ -176,6 +185,12 @@ class Settings(BaseSettings):
         if len(value.encode("utf-8", "surrogateescape")) > 255 - len(".dropped"):
             raise ValueError("must be at most 247 bytes in UTF-8 (AMQP names hold 255, '.dropped' is added)")
         return value
+
+    @field_validator("web_token", mode="after")
+    @classmethod
+    def _token_or_unset(cls, value: str | None) -> str | None:
+        # An empty or blank token would let anyone in: it means "no token", so only loopback serves.
+        return value.strip() or None if value is not None else None
 
     @field_validator("log_level", mode="before")
     @classmethod
