@@ -262,22 +262,14 @@ def _progress() -> Progress:
     return rendering.TerminalProgress() if sys.stderr.isatty() else Progress()
 
 
-def _confirm(yes: bool) -> Callable[[str, int | None], bool] | None:
+def _confirm(yes: bool) -> Callable[[str], bool] | None:
     if yes:
         return None
 
-    def ask(question: str, type_back: int | None) -> bool:
+    def ask(question: str) -> bool:
         if not sys.stdin.isatty():
             raise UsageError("a replay publishes to the broker: pass --yes (no terminal to confirm on)")
-        if type_back is None:
-            return typer.confirm(question, default=False)
-        # A big replay is confirmed by its size, not by a reflex 'y'.
-        answer = typer.prompt(
-            f"{question} Type the number of messages ({type_back}) to go on",
-            default="",
-            show_default=False,
-        )
-        return str(answer).strip() == str(type_back)
+        return typer.confirm(question, default=False)
 
     return ask
 
@@ -398,15 +390,6 @@ def run(
         Path | None,
         typer.Option("--from-file", metavar="FILE", help="Republish the messages of an 'export' file."),
     ] = None,
-    expect_count: Annotated[
-        int | None,
-        typer.Option(
-            "--expect-count",
-            metavar="INTEGER",
-            min=0,
-            help="Refuse (exit 2, publish nothing) unless exactly N messages are selected.",
-        ),
-    ] = None,
 ) -> None:
     """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
     filters = _filters(locals())
@@ -435,7 +418,6 @@ def run(
         operator=operator,
         new_message_id=new_message_id,
         dry_run=dry_run,
-        expect_count=expect_count,
     )
     _run_replay(
         lambda announce: operations.run(
