@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     discovery_interval: float = Field(default=5.0, gt=0)
     # Where the rabbitmq_event_exchange plugin publishes (its `vhost` setting, "/" by default).
     event_vhost: str = "/"
+    # `rabbit-replay run` without --yes: above this many messages the count is typed back, not y/n.
+    replay_confirm_count_above: int = Field(default=10000, ge=0)
+    # Publish replays into another broker or vhost (README "Incident replays"); the archive stays.
+    replay_target_url: str | None = Field(default=None, repr=False)
     prefetch: int = Field(default=4000, ge=1, le=65535)
     batch_size: int = Field(default=1000, ge=1)
     batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)

@@ -262,14 +262,22 @@ def _progress() -> Progress:
     return rendering.TerminalProgress() if sys.stderr.isatty() else Progress()
 
 
-def _confirm(yes: bool) -> Callable[[str], bool] | None:
+def _confirm(yes: bool) -> Callable[[str, int | None], bool] | None:
     if yes:
         return None
 
-    def ask(question: str) -> bool:
+    def ask(question: str, type_back: int | None) -> bool:
         if not sys.stdin.isatty():
             raise UsageError("a replay publishes to the broker: pass --yes (no terminal to confirm on)")
-        return typer.confirm(question, default=False)
+        if type_back is None:
+            return typer.confirm(question, default=False)
+        # A big replay is confirmed by its size, not by a reflex 'y'.
+        answer = typer.prompt(
+            f"{question} Type the number of messages ({type_back}) to go on",
+            default="",
+            show_default=False,
+        )
+        return str(answer).strip() == str(type_back)
 
     return ask
 
@@ -390,6 +398,15 @@ def run(
         Path | None,
         typer.Option("--from-file", metavar="FILE", help="Republish the messages of an 'export' file."),
     ] = None,
+    expect_count: Annotated[
+        int | None,
+        typer.Option(
+            "--expect-count",
+            metavar="INTEGER",
+            min=0,
+            help="Refuse (exit 2, publish nothing) unless exactly N messages are selected.",
+        ),
+    ] = None,
 ) -> None:
     """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
     filters = _filters(locals())
@@ -418,6 +435,7 @@ def run(
         operator=operator,
         new_message_id=new_message_id,
         dry_run=dry_run,
+        expect_count=expect_count,
     )
     _run_replay(
         lambda announce: operations.run(

@@ -344,6 +344,8 @@ class RunRequest:
     operator: str | None = None
     new_message_id: bool = False
     dry_run: bool = False
+    # Refuse (exit 2, nothing published) unless exactly this many are selected.
+    expect_count: int | None = None
 
 
 @dataclass
@@ -369,8 +371,9 @@ class Outcome:
     returned_ids: list[int]
 
 
-# Callbacks the CLI provides: ask for confirmation, announce the replay id, show progress.
-Confirm = Callable[[str], bool]
+# Callbacks the CLI provides: ask for confirmation (with the count to type back, or None for
+# yes/no), announce the replay id, show progress.
+Confirm = Callable[[str, int | None], bool]
 Announce = Callable[[str], None]
 
 
@@ -381,6 +384,19 @@ def operator_name(given: str | None) -> str:
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return os.environ.get("USER", "unknown")
+
+
+def check_expected_count(expected: int | None, selected: int) -> None:
+    """UsageError (exit 2, before anything is published) when --expect-count disagrees."""
+    if expected is not None and selected != expected:
+        raise UsageError(
+            f"--expect-count {expected}: the selection holds {selected} messages; nothing was published"
+        )
+
+
+def type_back(settings: Settings, count: int) -> int | None:
+    """The count the operator must type back to confirm, or None when yes/no is enough."""
+    return count if count > settings.replay_confirm_count_above else None
 
 
 def _publish_url(settings: Settings, request: RunRequest, preview: Preview) -> tuple[str, str]:
@@ -540,6 +556,7 @@ async def run(
         url, vhost = _publish_url(settings, request, preview)
         preview.vhost = vhost
         show_preview(preview)
+        check_expected_count(request.expect_count, preview.selected)
         if preview.selected and not request.dry_run:
             await check_privileges(connection, WRITE_HISTORY)
         if preview.selected == 0 or request.dry_run:
@@ -556,7 +573,8 @@ async def run(
         try:
             await _check_target(publisher, request.target, preview.groups)
             if confirm is not None and not confirm(
-                f"Replay {preview.selected} messages to {request.target.describe()} in vhost {vhost!r}?"
+                f"Replay {preview.selected} messages to {request.target.describe()} in vhost {vhost!r}?",
+                type_back(settings, preview.selected),
             ):
                 raise ReplayStopped("not confirmed; nothing was published")
             replay_id = str(uuid.uuid4())
@@ -647,7 +665,8 @@ async def resume(
             )
             position = record.confirmed_cursor if record.settled_cursor is None else record.settled_cursor
             if confirm is not None and not confirm(
-                f"Resume replay {replay_id} to {target.describe()} after position {position}{again}?"
+                f"Resume replay {replay_id} to {target.describe()} after position {position}{again}?",
+                type_back(settings, max(record.selected - record.confirmed, 0)),
             ):
                 raise ReplayStopped("not confirmed; nothing was published")
             await history.restart(connection, replay_id)
