@@ -42,3 +42,11 @@ def test_a_fresh_install_puts_exactly_one_top_level_package(tmp_path: Path) -> N
     assert any(name.startswith("rabbit_archive/archive/migrations/0001_") for name in installed)
     assert "rabbit_archive/capture/cli.py" in installed
     assert "rabbit_archive/inbox/__init__.py" in installed  # the consumer kit, for applications
+    # The web console's templates and assets ship inside the package: no CDN at run time.
+    for asset in (
+        "templates/search.html",
+        "templates/message.html",
+        "static/console.js",
+        "static/console.css",
+    ):
+        assert f"rabbit_archive/replay/web/{asset}" in installed, asset
