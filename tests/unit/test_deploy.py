@@ -501,7 +501,7 @@ def test_kubernetes_capture_containers_are_probed_limited_and_locked_down() -> N
 
 
 def test_kubernetes_deployment_runs_two_replicas() -> None:
-    (deployment,) = of_kind("Deployment")
+    (deployment,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "rabbit-capture"]
     assert deployment["spec"]["replicas"] == 2
     assert Settings.model_fields["single_active_consumer"].default is True
 
