@@ -134,6 +134,9 @@ FILTER_CORRELATION_ID = "correlation_id = {}::text"
 FILTER_BODY_CONTAINS = "position({}::bytea IN body) > 0"
 FILTER_BODY_JSON = "rabbit_archive.body_json(body) #>> {}::text[] = {}::text"
 FILTER_NOT_A_REPLAY = "replay_id IS NULL"
+# The most recent x-death entry is the first (RabbitMQ moves an entry to the front when it updates it).
+FILTER_DEAD_LETTERED_FROM = "headers -> 'x-death' -> 0 ->> 'queue' = {}::text"
+FILTER_DEATH_REASON = "headers -> 'x-death' -> 0 ->> 'reason' = {}::text"
 
 # --- reading the archive (replay/selection.py) -------------------------------------------
 #

@@ -12,6 +12,7 @@ import typer
 from rabbit_archive.archive.command_line import CommandLine
 from rabbit_archive.archive.errors import ArchiveError, UsageError
 from rabbit_archive.replay import operations, rendering
+from rabbit_archive.replay.deaths import ORIGINS
 from rabbit_archive.replay.filters import Filters, build_filters
 from rabbit_archive.replay.history import Target
 from rabbit_archive.replay.operations import Outcome, RunRequest, json_line
@@ -72,6 +73,20 @@ BodyJsonOpt = Annotated[
 VhostOpt = Annotated[
     list[str] | None, typer.Option("--vhost", metavar="TEXT", help="Captured in this vhost (repeatable).")
 ]
+DeadLetteredFromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dead-lettered-from", metavar="QUEUE", help="Dead-lettered from this queue (latest x-death)."
+    ),
+]
+DeathReasonOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--death-reason",
+        metavar="REASON",
+        help="Latest x-death reason: rejected, expired, maxlen or delivery_limit.",
+    ),
+]
 IncludeReplaysOpt = Annotated[
     bool,
     typer.Option("--include-replays", metavar="", help="Also select messages that were themselves replays."),
@@ -94,6 +109,8 @@ _FILTER_OPTIONS = {
     "body_json": "body_json",
     "vhost": "vhosts",
     "include_replays": "include_replays",
+    "dead_lettered_from": "dead_lettered_from",
+    "death_reason": "death_reason",
 }
 
 
@@ -120,6 +137,8 @@ def find(
     body_json: BodyJsonOpt = None,
     vhost: VhostOpt = None,
     include_replays: IncludeReplaysOpt = False,
+    dead_lettered_from: DeadLetteredFromOpt = None,
+    death_reason: DeathReasonOpt = None,
     limit: Annotated[
         int | None,
         typer.Option(
@@ -175,6 +194,8 @@ def coverage(
     body_json: BodyJsonOpt = None,
     vhost: VhostOpt = None,
     include_replays: IncludeReplaysOpt = False,
+    dead_lettered_from: DeadLetteredFromOpt = None,
+    death_reason: DeathReasonOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Is the archive complete for the selection's window? Captured intervals and gaps per exchange.
@@ -225,6 +246,8 @@ def export(
     body_json: BodyJsonOpt = None,
     vhost: VhostOpt = None,
     include_replays: IncludeReplaysOpt = False,
+    dead_lettered_from: DeadLetteredFromOpt = None,
+    death_reason: DeathReasonOpt = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -347,6 +370,8 @@ def run(
     body_json: BodyJsonOpt = None,
     vhost: VhostOpt = None,
     include_replays: IncludeReplaysOpt = False,
+    dead_lettered_from: DeadLetteredFromOpt = None,
+    death_reason: DeathReasonOpt = None,
     select_all: Annotated[
         bool, typer.Option("--all", metavar="", help="Replay the whole archive (no filter).")
     ] = False,
@@ -398,6 +423,19 @@ def run(
         Path | None,
         typer.Option("--from-file", metavar="FILE", help="Republish the messages of an 'export' file."),
     ] = None,
+    to_origin: Annotated[
+        str | None,
+        typer.Option(
+            "--to-origin",
+            metavar="[=exchange]",
+            help="Each message back into the queue it died in (default exchange), or with =exchange"
+            " to the exchange and routing key it was first published with, from its x-death.",
+        ),
+    ] = None,
+    routing_key_to: Annotated[
+        str | None,
+        typer.Option("--routing-key-to", metavar="KEY", help="Publish every message with this routing key."),
+    ] = None,
     expect_count: Annotated[
         int | None,
         typer.Option(
@@ -410,8 +448,14 @@ def run(
 ) -> None:
     """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
     filters = _filters(locals())
-    if to_exchange is not None and to_queue is not None:
-        fail("give --to-exchange or --to-queue, not both", 2)
+    if sum(given is not None for given in (to_exchange, to_queue, to_origin)) > 1:
+        fail("give one of --to-exchange, --to-queue and --to-origin", 2)
+    if to_origin is not None and to_origin not in ORIGINS:
+        fail(f"--to-origin: {to_origin!r} is not one of {', '.join(ORIGINS)} (bare --to-origin: queue)", 2)
+    if routing_key_to is not None and (to_queue is not None or to_origin is not None):
+        fail("--routing-key-to sets the key of exchange publishes: leave out --to-queue and --to-origin", 2)
+    if routing_key_to is not None and len(routing_key_to.encode("utf-8", "surrogateescape")) > 255:
+        fail("--routing-key-to: a routing key holds at most 255 bytes", 2)
     if from_file is not None:
         if not filters.selects_everything() or select_all:
             fail("--from-file replays the whole file: leave out filters and --all", 2)
@@ -424,7 +468,7 @@ def run(
     if reason is not None and "\x00" in reason:
         fail("--reason: leave out NUL characters", 2)
     settings = settings_or_exit()
-    target = Target(queue=to_queue, exchange=to_exchange)
+    target = Target(queue=to_queue, exchange=to_exchange, origin=to_origin, routing_key=routing_key_to)
     request = RunRequest(
         filters=None if from_file else filters,
         target=target,
@@ -510,6 +554,22 @@ def web(
     run_async(lambda: server.serve(settings, host, port))
 
 
+def optional_value(args: list[str], option: str, default: str, values: tuple[str, ...]) -> list[str]:
+    """The arguments with a bare `option` (no value of `values` after it) read as `option=default`.
+
+    Click options take a value or none, never either: `--to-origin` alone and
+    `--to-origin=exchange` are both the contract.
+    """
+    out: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return out + args[index:]
+        following = args[index + 1] if index + 1 < len(args) else None
+        out.append(f"{option}={default}" if arg == option and following not in values else arg)
+    return out
+
+
 def main() -> None:
     """Entry point of `rabbit-replay`."""
+    sys.argv[1:] = optional_value(sys.argv[1:], "--to-origin", "queue", ORIGINS)
     COMMAND_LINE.main(app)

@@ -13,6 +13,7 @@ from typing import Any
 from rabbit_archive.archive import queries
 from rabbit_archive.archive.errors import UsageError
 from rabbit_archive.config.durations import parse_duration
+from rabbit_archive.replay.deaths import REASONS
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Filters:
     body_json: tuple[tuple[tuple[str, ...], str], ...] = ()
     vhosts: tuple[str, ...] = ()
     include_replays: bool = False
+    # The queue and reason of the most recent x-death entry (dead-lettered messages).
+    dead_lettered_from: str | None = None
+    death_reason: str | None = None
     # Set by a replay, not by the operator: the newest archive id when it started, so that a
     # resumed replay selects the same messages and never its own copies captured meanwhile.
     upto_id: int | None = field(default=None, compare=False)
@@ -86,6 +90,8 @@ class Filters:
             body_json=tuple((tuple(path.split(".")), value) for path, value in data.get("body_json", ())),
             vhosts=tuple(data.get("vhosts", ())),
             include_replays=bool(data.get("include_replays", False)),
+            dead_lettered_from=data.get("dead_lettered_from"),
+            death_reason=data.get("death_reason"),
             upto_id=data.get("upto_id"),
         )
 
@@ -151,6 +157,8 @@ def build_filters(
     body_json: list[str] | None = None,
     vhosts: list[str] | None = None,
     include_replays: bool = False,
+    dead_lettered_from: str | None = None,
+    death_reason: str | None = None,
     now: datetime | None = None,
 ) -> Filters:
     """Filters from command-line values; a bad value is a UsageError naming its option."""
@@ -168,6 +176,7 @@ def build_filters(
         ("--routing-key", routing_key),
         ("--message-id", message_id),
         ("--correlation-id", correlation_id),
+        ("--dead-lettered-from", dead_lettered_from),
         *(("--exchange", name) for name in exchanges or ()),
         *(("--vhost", name) for name in vhosts or ()),
         *(("--header", f"{key}={value}") for key, value in header_pairs),
@@ -186,6 +195,8 @@ def build_filters(
             body_bytes(body_contains)
         except UnicodeEncodeError:
             raise UsageError(f"--body-contains: cannot turn {body_contains!r} into bytes") from None
+    if death_reason is not None and death_reason not in REASONS:
+        raise UsageError(f"--death-reason: {death_reason!r} is not one of {', '.join(REASONS)}")
     for option, number in (("--from-id", from_id), ("--to-id", to_id)):
         if number is not None and number < 0:
             raise UsageError(f"{option}: archive ids are not negative, got {number}")
@@ -203,6 +214,8 @@ def build_filters(
         body_json=tuple(json_pairs),
         vhosts=tuple(vhosts or ()),
         include_replays=include_replays,
+        dead_lettered_from=dead_lettered_from,
+        death_reason=death_reason,
     )
     if filters.since and filters.until and filters.since >= filters.until:
         raise UsageError("--since must be earlier than --until")
@@ -295,6 +308,10 @@ def where_clause(
         q.add(queries.FILTER_BODY_CONTAINS.format(q.param(body_bytes(filters.body_contains))))
     for path, value in filters.body_json:
         q.add(queries.FILTER_BODY_JSON.format(q.param(list(path)), q.param(value)))
+    if filters.dead_lettered_from is not None:
+        q.add(queries.FILTER_DEAD_LETTERED_FROM.format(q.param(filters.dead_lettered_from)))
+    if filters.death_reason is not None:
+        q.add(queries.FILTER_DEATH_REASON.format(q.param(filters.death_reason)))
     if not filters.include_replays:
         q.add(queries.FILTER_NOT_A_REPLAY)
     return (" AND ".join(q.conditions) or "TRUE"), q.params

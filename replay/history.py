@@ -22,27 +22,45 @@ class Target:
 
     queue: str | None = None
     exchange: str | None = None
+    # `--to-origin`: "queue" (the queue each message died in) or "exchange" (its first publish).
+    origin: str | None = None
+    # `--routing-key-to`: one routing key for every message.
+    routing_key: str | None = None
 
     def describe(self) -> str:
-        """'queue:NAME', 'exchange:NAME' or 'original'."""
+        """'queue:NAME', 'exchange:NAME', 'origin:queue', 'origin:exchange' or 'original'."""
         if self.queue is not None:
-            return f"queue:{self.queue}"
-        if self.exchange is not None:
-            return f"exchange:{self.exchange}"
-        return "original"
+            where = f"queue:{self.queue}"
+        elif self.exchange is not None:
+            where = f"exchange:{self.exchange}"
+        elif self.origin is not None:
+            where = f"origin:{self.origin}"
+        else:
+            where = "original"
+        return where if self.routing_key is None else f"{where} (routing key {self.routing_key!r})"
 
     def to_json(self) -> dict[str, str]:
         """The stored form."""
         return {
             key: value
-            for key, value in (("queue", self.queue), ("exchange", self.exchange))
+            for key, value in (
+                ("queue", self.queue),
+                ("exchange", self.exchange),
+                ("origin", self.origin),
+                ("routing_key", self.routing_key),
+            )
             if value is not None
         }
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> "Target":
         """The inverse of to_json."""
-        return cls(queue=data.get("queue"), exchange=data.get("exchange"))
+        return cls(
+            queue=data.get("queue"),
+            exchange=data.get("exchange"),
+            origin=data.get("origin"),
+            routing_key=data.get("routing_key"),
+        )
 
 
 @dataclass(frozen=True)

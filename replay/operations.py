@@ -474,6 +474,9 @@ async def _check_target(publisher: Publisher, target: Target, groups: list[Group
         await publisher.queue_depth(target.queue)
     elif target.exchange is not None:
         await publisher.check_exchange(target.exchange, "check --to-exchange")
+    elif target.origin is not None:
+        # Each message names its own queue or exchange: one that is gone returns it (counted).
+        return
     else:
         for name in sorted({group.wire_exchange for group in groups}):
             await publisher.check_exchange(

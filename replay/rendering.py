@@ -300,6 +300,7 @@ def summary_line(outcome: Outcome) -> str:
     return (
         f"selected {outcome.selected}, published {counts.published}, confirmed {counts.confirmed}, "
         f"returned {counts.returned}, nacked {counts.nacked}, skipped {counts.skipped}"
+        + (f" ({counts.without_death} without x-death)" if counts.without_death else "")
     )
 
 
@@ -310,6 +311,6 @@ def problems(counts: Counts) -> list[str]:
         found.append(f"{counts.returned} returned as unroutable")
     if counts.nacked:
         found.append(f"{counts.nacked} refused by the broker (nack)")
-    if counts.skipped:
-        found.append(f"{counts.skipped} could not be republished (see the log)")
+    if counts.skipped > counts.without_death:
+        found.append(f"{counts.skipped - counts.without_death} could not be republished (see the log)")
     return found

@@ -30,6 +30,7 @@ from rabbit_archive.archive.errors import (
 )
 from rabbit_archive.archive.stopping import Backoff, sleep_unless
 from rabbit_archive.replay import history, selection
+from rabbit_archive.replay.deaths import origin
 from rabbit_archive.replay.filters import Filters
 from rabbit_archive.replay.history import Target
 from rabbit_archive.replay.publisher import CONNECTION_LOST_ERRORS, Nacked, Publisher, Returned
@@ -70,6 +71,8 @@ class Counts:
     returned: int = 0
     nacked: int = 0
     skipped: int = 0
+    # Of the skipped, those `--to-origin` could not send back (no x-death): expected, not a fault.
+    without_death: int = 0
 
 
 @dataclass
@@ -377,14 +380,18 @@ def count_file(path: Path) -> int:
         raise UsageError(f"{path} is not a UTF-8 text file written by 'rabbit-replay export'") from None
 
 
-def destination(target: Target, message: ArchivedMessage) -> tuple[str, str]:
-    """Exchange and routing key to publish the message to."""
+def destination(target: Target, message: ArchivedMessage) -> tuple[str, str] | None:
+    """Exchange and routing key to publish the message to (None: `--to-origin` without x-death)."""
     routing_key = message.routing_key_bytes.decode("utf-8", "surrogateescape")
     if target.queue is not None:
         return "", target.queue
+    if target.origin is not None:
+        return origin(message.properties_raw, target.origin)
     if target.exchange is not None:
-        return target.exchange, routing_key
-    return message.exchange_bytes.decode("utf-8", "surrogateescape"), routing_key
+        exchange = target.exchange
+    else:
+        exchange = message.exchange_bytes.decode("utf-8", "surrogateescape")
+    return exchange, routing_key if target.routing_key is None else target.routing_key
 
 
 class Progress:
@@ -485,7 +492,15 @@ async def execute(
                 await window.wait_for_room(WINDOW, WINDOW_BYTES, stop)
                 if stop.is_set():
                     break
-                exchange, routing_key = destination(job.target, message)
+                route = destination(job.target, message)
+                if route is None:
+                    counts.skipped += 1
+                    counts.without_death += 1
+                    log.warning("replay.no_death", extra={"archive_id": message.id})
+                    window.add(position, None, retry=retry)
+                    current = None
+                    continue
+                exchange, routing_key = route
                 try:
                     properties = tagged_properties(
                         message.properties_raw,

@@ -4,15 +4,16 @@
 import os
 import pty
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.acceptance.test_replay import assert_one_line_error, json_lines, ok, replay_command
-from tests.acceptance.test_replay_resume import depth, drain
+from tests.acceptance.test_replay_resume import archived, depth, drain
 from tests.acceptance.test_replay_trust import loaded
-from tests.support.daemon import command
+from tests.support.daemon import CaptureProcess, command, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -91,3 +92,150 @@ def test_above_the_threshold_the_count_is_typed_back(
     assert code == 0, output
     assert "[y/N]" in output
     assert len(drain(pika_channel, "typed")) == 12
+
+
+# ------------------------------------------------------------------ dead letters home
+
+
+def _find_ids(env: dict[str, str], *filters: str) -> list[int]:
+    return [item["id"] for item in json_lines(ok(replay_command(env, "find", "--json", *filters)))]
+
+
+def _take(channel: Any, queue: str, expected: int, timeout: float = 30) -> list[tuple[Any, bytes]]:
+    """Exactly `expected` messages from the queue (acknowledged), then none more."""
+    taken: list[tuple[Any, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(taken) < expected and time.monotonic() < deadline:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        taken.append((properties, body))
+    time.sleep(0.3)
+    assert len(taken) == expected, f"{len(taken)} of {expected} in {queue}"
+    assert depth(channel, queue) == 0
+    return taken
+
+
+@pytest.fixture
+def dead_letters(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    capture_env: dict[str, str],
+    database_url: str,
+) -> Any:
+    """Real dead letters: 3 rejected from 'work', 2 expired in 'ttl', 2 dropped from 'capped' (max
+    length 1), 1 over the delivery limit of the quorum queue 'picky'; all through fanout 'dlx'."""
+    daemon = start_capture()
+    channel = pika_channel
+    channel.exchange_declare("dlx", "fanout", durable=True)
+    channel.exchange_declare("work-in", "topic", durable=True)
+    daemon.wait_bound("dlx")
+    daemon.wait_bound("work-in")
+    dlx = {"x-dead-letter-exchange": "dlx"}
+    queues = {
+        "work": dlx,
+        "ttl": {**dlx, "x-message-ttl": 50},
+        "capped": {**dlx, "x-max-length": 1},
+        "picky": {**dlx, "x-queue-type": "quorum", "x-delivery-limit": 1},
+    }
+    for queue, arguments in queues.items():
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+        channel.queue_bind(queue, "work-in", queue)
+    for index in range(3):
+        channel.basic_publish("work-in", "work", f"job-{index}".encode())
+    for index in range(2):
+        channel.basic_publish("work-in", "ttl", f"slow-{index}".encode())
+    for index in range(3):
+        channel.basic_publish("work-in", "capped", f"many-{index}".encode())
+    channel.basic_publish("work-in", "picky", b"picky-0")
+    # A consumer with a bug: rejects every job without requeue.
+    for _ in range(3):
+        method, _properties, _body = channel.basic_get("work")
+        channel.basic_reject(method.delivery_tag, requeue=False)
+    # Redelivered past the quorum queue's delivery limit.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        method, _properties, _body = channel.basic_get("picky")
+        if method is None:
+            if depth(channel, "picky") == 0:
+                break
+            time.sleep(0.05)
+            continue
+        channel.basic_nack(method.delivery_tag, requeue=True)
+    _take(channel, "capped", 1)  # the one that was not dropped
+    wait_for(lambda: archived(database_url) >= 9 + 8, 30, what="originals and dead letters archived")
+    daemon.stop()
+    return channel
+
+
+def test_dead_lettered_filters_select_by_the_latest_death(
+    dead_letters: Any, capture_env: dict[str, str]
+) -> None:
+    env = capture_env
+    work = _find_ids(env, "--dead-lettered-from", "work")
+    assert len(work) == 3
+    assert _find_ids(env, "--dead-lettered-from", "work", "--death-reason", "rejected") == work
+    assert len(_find_ids(env, "--death-reason", "expired")) == 2
+    assert len(_find_ids(env, "--death-reason", "maxlen")) == 2
+    assert len(_find_ids(env, "--death-reason", "delivery_limit")) == 1
+    assert _find_ids(env, "--dead-lettered-from", "picky") == _find_ids(
+        env, "--death-reason", "delivery_limit"
+    )
+    assert _find_ids(env, "--dead-lettered-from", "capped", "--death-reason", "rejected") == []
+    assert ok(replay_command(env, "find", "--count", "--dead-lettered-from", "ttl")).strip() == "2"
+    bad = replay_command(env, "find", "--death-reason", "dropped")
+    assert_one_line_error(bad, 2, "--death-reason", "rejected, expired, maxlen, delivery_limit")
+
+
+def test_to_origin_puts_each_dead_letter_back_into_its_queue_once(
+    dead_letters: Any, capture_env: dict[str, str]
+) -> None:
+    channel = dead_letters
+    for queue, bodies in (("work", {b"job-0", b"job-1", b"job-2"}), ("picky", {b"picky-0"})):
+        result = replay_command(capture_env, "run", "--dead-lettered-from", queue, "--to-origin", "--yes")
+        ok(result)
+        # The fixed consumer: each message once, tagged as a replay, its x-death history kept.
+        back = _take(channel, queue, len(bodies))
+        assert {body for _properties, body in back} == bodies
+        for properties, _body in back:
+            assert properties.headers["x-replay-id"] == result.stdout.splitlines()[0]
+            assert properties.headers["x-death"][0]["queue"] == queue
+    assert history(capture_env)[0]["target"] == "origin:queue"
+
+
+def test_to_origin_exchange_and_messages_without_x_death(
+    dead_letters: Any, capture_env: dict[str, str]
+) -> None:
+    channel = dead_letters
+    channel.queue_declare("slow-copy", durable=True)
+    channel.queue_bind("slow-copy", "work-in", "ttl")
+    ok(replay_command(capture_env, "run", "--death-reason", "expired", "--to-origin=exchange", "--yes"))
+    assert {body for _p, body in _take(channel, "slow-copy", 2)} == {b"slow-0", b"slow-1"}
+    # The originals on 'work-in' have no x-death: skipped and counted, not an error.
+    mixed = replay_command(capture_env, "run", "--routing-key", "work", "--to-origin", "--yes")
+    out = ok(mixed)
+    assert "published 3" in out
+    assert "skipped 3 (3 without x-death)" in out
+    assert len(_take(channel, "work", 3)) == 3
+    assert history(capture_env)[-1]["skipped"] == 3
+    wrong = replay_command(capture_env, "run", "--exchange", "dlx", "--to-origin=somewhere", "--yes")
+    assert_one_line_error(wrong, 2, "--to-origin")
+    both = replay_command(capture_env, "run", "--exchange", "dlx", "--to-origin", "--to-queue", "x", "--yes")
+    assert_one_line_error(both, 2, "--to-origin")
+
+
+def test_a_message_sent_home_that_dies_again_continues_its_death_history(
+    dead_letters: Any, capture_env: dict[str, str]
+) -> None:
+    channel = dead_letters
+    channel.queue_declare("graveyard", durable=True)
+    channel.queue_bind("graveyard", "dlx", "")
+    ok(replay_command(capture_env, "run", "--dead-lettered-from", "work", "--to-origin", "--yes"))
+    wait_for(lambda: depth(channel, "work") == 3, 10, what="three messages back in 'work'")
+    method, _properties, _body = channel.basic_get("work")
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    (properties, _body), *_ = _take(channel, "graveyard", 1)
+    # This broker (RabbitMQ 3.10 here) reads the client-set x-death: the count goes on.
+    entry = properties.headers["x-death"][0]
+    assert (entry["queue"], entry["reason"], entry["count"]) == ("work", "rejected", 2)
