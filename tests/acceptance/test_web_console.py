@@ -78,10 +78,11 @@ def web_console() -> Iterator[Callable[..., WebConsole]]:
     """Start `rabbit-replay web` subprocesses; all stopped at the end."""
     started: list[WebConsole] = []
 
-    def start(env: dict[str, str], *args: str, wait: bool = True) -> WebConsole:
+    def start(env: dict[str, str], *args: str) -> WebConsole:
         console = WebConsole(env, *args)
         started.append(console)
-        return console.start(wait=wait)
+        console.start().wait_ready()
+        return console
 
     try:
         yield start

@@ -40,6 +40,8 @@ def wait_for(predicate: "object", timeout: float, interval: float = 0.1, what: s
 class CaptureProcess:
     """One `rabbit-capture run` subprocess with its own HTTP port and log file."""
 
+    name = "rabbit-capture"  # in failure messages (tests/support/web.py runs rabbit-replay web alike)
+
     def __init__(self, env: dict[str, str], *, http_port: int | None = None) -> None:
         self.http_port = http_port or free_port()
         self.env = {
@@ -77,9 +79,9 @@ class CaptureProcess:
         while not self.ready():
             assert self.process is not None
             if self.process.poll() is not None:
-                raise AssertionError(f"rabbit-capture exited {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(f"{self.name} exited {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"rabbit-capture not ready after {timeout}s:\n{self.log()}")
+                raise AssertionError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.1)
         return self
 
