@@ -220,14 +220,16 @@ def exchange_delete(exchange: str) -> base.Frame:
     return _method(commands.Exchange.Delete, payload, exchange=exchange, nowait=False)
 
 
-def basic_consume(queue: str, consumer_tag: str, *, no_ack: bool = False) -> base.Frame:
+def basic_consume(
+    queue: str, consumer_tag: str, *, no_ack: bool = False, arguments: Mapping[str, Any] | None = None
+) -> base.Frame:
     """basic.consume."""
     payload = (
         _SHORT.pack(0)
         + _shortstr(queue)
         + _shortstr(consumer_tag)
         + _bits(False, no_ack, False, False)
-        + _EMPTY_TABLE
+        + _table(arguments)
     )
     return _method(commands.Basic.Consume, payload, queue=queue, consumer_tag=consumer_tag, nowait=False)
 

@@ -421,3 +421,28 @@ FROM rabbit_archive.messages WHERE id = $1::bigint
 WEB_BODY_SLICE = """
 SELECT substring(body FROM $2::integer FOR $3::integer) FROM rabbit_archive.messages WHERE id = $1::bigint
 """
+
+# --- preflight (`rabbit-capture check`, capture/preflight.py): read only ------------------------
+
+SERVER_VERSION = "SELECT current_setting('server_version_num')::integer, current_setting('server_version')"
+
+# The capture role's rights on the current database: CREATE on it (CREATE SCHEMA IF NOT EXISTS
+# asks for it even when the schema exists) and, once they exist, ownership of schema
+# rabbit_archive and of its messages table (only the owner creates and drops partitions).
+# Membership in the owning role counts, as PostgreSQL counts it.
+CAPTURE_RIGHTS = """
+SELECT current_user AS role,
+       current_database() AS database,
+       has_database_privilege(current_database(), 'CREATE') AS can_create,
+       n.oid IS NOT NULL AS schema_exists,
+       coalesce(pg_has_role(n.nspowner, 'USAGE'), true) AS owns_schema,
+       pg_get_userbyid(n.nspowner) AS schema_owner,
+       coalesce(pg_has_role(c.relowner, 'USAGE'), true) AS owns_messages,
+       pg_get_userbyid(c.relowner) AS messages_owner
+FROM (SELECT 1) AS one
+LEFT JOIN pg_namespace AS n ON n.nspname = 'rabbit_archive'
+LEFT JOIN pg_class AS c ON c.relnamespace = n.oid AND c.relname = 'messages'
+"""
+
+# Whether the role may create the database that the daemon creates at its first start.
+MAY_CREATE_DATABASE = "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"

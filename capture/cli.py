@@ -71,6 +71,24 @@ def status(
 
 
 @app.command()
+def check(
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object.")] = False,
+) -> None:
+    """Check, changing nothing, that capture would work here; list every problem with its fix.
+
+    Exits 0 when capture would work, 1 otherwise.
+    """
+    settings = settings_or_exit()
+    report = run_async(lambda: operations.check(settings))
+    if as_json:
+        print(json.dumps(report.as_json()))
+    else:
+        rendering.print_check(report)
+    if not report.ok:
+        fail(f"{len(report.problems)} problem(s) found: fix them as listed and run the check again", 1)
+
+
+@app.command()
 def prune(
     older_than: Annotated[
         str, typer.Option("--older-than", metavar="TEXT", help="Age like 30d or 12h; older days are dropped.")

@@ -198,6 +198,28 @@ class ManagementApi:
         if response.status_code >= 400:
             raise BrokerUnavailable(f"management API answered {response.status_code} to switching tracing")
 
+    async def overview(self) -> tuple[dict[str, Any], str | None]:
+        """The broker's overview (versions, node) and the HTTP Date the API answered with."""
+        if self._on_request is not None:
+            self._on_request()
+        response = await self._request("GET", "/api/overview")
+        if response.status_code in (401, 403):
+            raise self._refused("/api/overview", response, None)
+        if response.status_code >= 400:
+            raise BrokerUnavailable(f"management API answered {response.status_code} to /api/overview")
+        try:
+            overview = response.json()
+        except ValueError:
+            raise BrokerUnavailable(
+                "management API answered /api/overview with something that is not JSON"
+            ) from None
+        return (overview if isinstance(overview, dict) else {}), response.headers.get("date")
+
+    async def whoami(self) -> dict[str, Any]:
+        """The authenticated user's name and tags."""
+        item = await self._get("/api/whoami")
+        return item if isinstance(item, dict) else {}
+
     async def vhosts(self) -> list[str]:
         """Names of every vhost."""
         items = await self._objects("/api/vhosts", None)

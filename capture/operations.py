@@ -5,6 +5,7 @@ from typing import Any
 
 from rabbit_archive.archive.db import create_pool
 from rabbit_archive.archive.migrate import apply_migrations
+from rabbit_archive.capture.preflight import Preflight, Report
 from rabbit_archive.capture.status import collect_status
 from rabbit_archive.capture.store import prune as prune_partitions
 from rabbit_archive.config import Settings
@@ -32,3 +33,8 @@ async def prune(settings: Settings, older_than: timedelta) -> int:
 async def status(settings: Settings) -> dict[str, Any]:
     """The `status --json` report (README "Operations")."""
     return await collect_status(settings)
+
+
+async def check(settings: Settings) -> Report:
+    """The `check` preflight: every problem capture would meet, each with its fix; changes nothing."""
+    return await Preflight(settings).run()
