@@ -13,6 +13,7 @@ from rabbit_archive.archive.command_line import CommandLine
 from rabbit_archive.archive.errors import ArchiveError, UsageError
 from rabbit_archive.replay import operations, rendering
 from rabbit_archive.replay.deaths import ORIGINS
+from rabbit_archive.replay.edits import build_edits
 from rabbit_archive.replay.filters import Filters, build_filters
 from rabbit_archive.replay.history import Target
 from rabbit_archive.replay.operations import Outcome, RunRequest, json_line
@@ -436,6 +437,21 @@ def run(
         str | None,
         typer.Option("--routing-key-to", metavar="KEY", help="Publish every message with this routing key."),
     ] = None,
+    set_header: Annotated[
+        list[str] | None,
+        typer.Option("--set-header", metavar="KEY=VALUE", help="Set a header to a long string (repeatable)."),
+    ] = None,
+    set_header_json: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set-header-json",
+            metavar="KEY=JSON",
+            help='Set a typed header: {"type": "int32", "value": 5} as show --json writes, or plain JSON.',
+        ),
+    ] = None,
+    unset_header: Annotated[
+        list[str] | None, typer.Option("--unset-header", metavar="KEY", help="Remove a header (repeatable).")
+    ] = None,
     expect_count: Annotated[
         int | None,
         typer.Option(
@@ -469,6 +485,10 @@ def run(
         fail("--reason: leave out NUL characters", 2)
     settings = settings_or_exit()
     target = Target(queue=to_queue, exchange=to_exchange, origin=to_origin, routing_key=routing_key_to)
+    try:
+        edits = build_edits(set_header, set_header_json, unset_header)
+    except UsageError as error:
+        fail(str(error), 2)
     request = RunRequest(
         filters=None if from_file else filters,
         target=target,
@@ -480,6 +500,7 @@ def run(
         new_message_id=new_message_id,
         dry_run=dry_run,
         expect_count=expect_count,
+        edits=edits,
     )
     _run_replay(
         lambda announce: operations.run(

@@ -34,6 +34,7 @@ from rabbit_archive.archive.errors import (
 from rabbit_archive.archive.signals import on_signals, stop_on_signals
 from rabbit_archive.config.settings import Settings, mask_url
 from rabbit_archive.replay import coverage, history, selection
+from rabbit_archive.replay.edits import HeaderEdits
 from rabbit_archive.replay.filters import Filters
 from rabbit_archive.replay.history import ReplayRecord, Target
 from rabbit_archive.replay.publisher import Publisher
@@ -344,6 +345,8 @@ class RunRequest:
     operator: str | None = None
     new_message_id: bool = False
     dry_run: bool = False
+    # Applied to each message's headers before the replay tags (`--set-header` and the like).
+    edits: HeaderEdits = field(default_factory=HeaderEdits)
     # Refuse (exit 2, nothing published) unless exactly this many are selected.
     expect_count: int | None = None
 
@@ -585,6 +588,7 @@ async def run(
                 "rate": request.rate,
                 "max_queue_depth": request.max_queue_depth,
                 "new_message_id": request.new_message_id,
+                "edits": request.edits.to_json() if request.edits else None,
                 "vhost": vhost,
                 "file": str(request.file.resolve()) if request.file else None,
             }
@@ -613,6 +617,7 @@ async def run(
                 rate=request.rate,
                 max_queue_depth=request.max_queue_depth,
                 new_message_id=request.new_message_id,
+                edits=request.edits,
             )
             return await _run_job(job, connection, publisher, progress)
         finally:
@@ -684,6 +689,7 @@ async def resume(
                 rate=rate if rate is not None else options.get("rate"),
                 max_queue_depth=options.get("max_queue_depth"),
                 new_message_id=bool(options.get("new_message_id")),
+                edits=HeaderEdits.from_json(options.get("edits")),
                 cursor=record.confirmed_cursor if record.settled_cursor is None else record.settled_cursor,
                 confirmed_cursor=record.confirmed_cursor,
                 failed=_failed_kinds(record),

@@ -31,6 +31,7 @@ from rabbit_archive.archive.errors import (
 from rabbit_archive.archive.stopping import Backoff, sleep_unless
 from rabbit_archive.replay import history, selection
 from rabbit_archive.replay.deaths import origin
+from rabbit_archive.replay.edits import HeaderEdits
 from rabbit_archive.replay.filters import Filters
 from rabbit_archive.replay.history import Target
 from rabbit_archive.replay.publisher import CONNECTION_LOST_ERRORS, Nacked, Publisher, Returned
@@ -88,6 +89,7 @@ class Job:
     rate: float | None = None
     max_queue_depth: int | None = None
     new_message_id: bool = False
+    edits: HeaderEdits = field(default_factory=HeaderEdits)
     # Where a resume continues (the last position answered, with every earlier one), and the
     # history's confirmed cursor when it lies before (messages nacked or returned in between).
     cursor: int = 0
@@ -503,7 +505,7 @@ async def execute(
                 exchange, routing_key = route
                 try:
                     properties = tagged_properties(
-                        message.properties_raw,
+                        job.edits.apply(message.properties_raw),
                         job.tag,
                         archive_id=message.id,
                         replayed_at=int(time.time()),

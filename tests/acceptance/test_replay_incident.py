@@ -1,6 +1,8 @@
 """Incident replays with the installed `rabbit-replay` on the real broker and database: guards
 (--expect-count, typed-back counts, --canary), dead letters sent home, edits on the way, another vhost."""
 
+import asyncio
+import dataclasses
 import os
 import pty
 import subprocess
@@ -10,6 +12,14 @@ from typing import Any
 
 import pytest
 
+from rabbit_archive.archive.amqp_codec import (
+    Properties,
+    Table,
+    decode_properties,
+    encode_properties,
+    encode_table,
+)
+from tests.acceptance.test_fidelity import EVERY_PROPERTY, EVERY_TYPE, publish_raw, receive_raw, without_tags
 from tests.acceptance.test_replay import assert_one_line_error, json_lines, ok, replay_command
 from tests.acceptance.test_replay_resume import archived, depth, drain
 from tests.acceptance.test_replay_trust import loaded
@@ -239,3 +249,67 @@ def test_a_message_sent_home_that_dies_again_continues_its_death_history(
     # This broker (RabbitMQ 3.10 here) reads the client-set x-death: the count goes on.
     entry = properties.headers["x-death"][0]
     assert (entry["queue"], entry["reason"], entry["count"]) == ("work", "rejected", 2)
+
+
+# ------------------------------------------------------------------ edits on the way
+
+
+def test_header_edits_and_routing_key_arrive_with_every_other_byte_identical(
+    start_capture: Callable[..., CaptureProcess],
+    capture_env: dict[str, str],
+    pika_channel: Any,
+    amqp_url: str,
+    database_url: str,
+) -> None:
+    daemon = start_capture()
+    pika_channel.exchange_declare("typed", "topic", durable=True)
+    pika_channel.exchange_declare("edited", "topic", durable=True)
+    pika_channel.queue_declare("edited-q", durable=True)
+    pika_channel.queue_bind("edited-q", "edited", "fixed.key")  # only the new routing key arrives
+    daemon.wait_bound("typed")
+    raw = encode_properties(Properties(headers=EVERY_TYPE, **EVERY_PROPERTY))
+    asyncio.run(publish_raw(amqp_url, "typed", [(raw, b"typed body")]))
+    wait_for(lambda: archived(database_url) >= 1, 30, what="the message archived")
+    daemon.stop()
+    result = replay_command(
+        capture_env,
+        "run",
+        "--exchange",
+        "typed",
+        "--to-exchange",
+        "edited",
+        "--routing-key-to",
+        "fixed.key",
+        "--set-header",
+        "tenant=acme",
+        "--set-header-json",
+        'int8={"type": "int32", "value": 70000}',
+        "--set-header-json",
+        'extra={"when": {"type": "timestamp", "value": "2026-11-27T10:00:00Z"}}',
+        "--unset-header",
+        "case",
+        "--yes",
+    )
+    ok(result)
+    ((copy_raw, body),) = asyncio.run(receive_raw(amqp_url, "edited-q", 1))
+    assert body == b"typed body"
+    copy, _tags = without_tags(decode_properties(copy_raw))
+    expected_table: Table = [
+        (key, ("I", 70000) if key == b"int8" else value) for key, value in EVERY_TYPE if key != b"case"
+    ]
+    expected_table += [
+        (b"tenant", ("S", b"acme")),
+        (b"extra", ("F", [(b"when", ("T", 1_795_773_600))])),
+    ]
+    assert copy.headers == expected_table
+    # The original entries that were not edited went out as their very bytes.
+    untouched = [entry for entry in EVERY_TYPE if entry[0] not in (b"case", b"int8")]
+    assert encode_table(untouched[:1])[4:] in copy_raw
+    assert encode_table(untouched[1:])[4:] in copy_raw
+    assert dataclasses.replace(copy, headers=None) == Properties(**EVERY_PROPERTY)
+    record = history(capture_env)[-1]
+    assert record["target"] == "exchange:edited (routing key 'fixed.key')"
+    assert record["options"]["edits"]["unset"] == ["case"]
+    assert [entry["key"] for entry in record["options"]["edits"]["set"]] == ["tenant", "int8", "extra"]
+    bad = replay_command(capture_env, "run", "--exchange", "typed", "--set-header-json", "n={", "--yes")
+    assert_one_line_error(bad, 2, "--set-header-json")

@@ -1,6 +1,8 @@
 """The pure parts of incident replays: x-death parsing, --to-origin routes, the death filters, the
-optional --to-origin value."""
+optional --to-origin value, header edits on typed tables."""
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -8,10 +10,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rabbit_archive.archive import queries
-from rabbit_archive.archive.amqp_codec import FieldValue, Properties, Table, encode_properties
+from rabbit_archive.archive.amqp_codec import (
+    FieldValue,
+    Properties,
+    Table,
+    decode_properties,
+    encode_properties,
+    encode_table,
+    typed_entries,
+)
 from rabbit_archive.archive.errors import UsageError
 from rabbit_archive.replay.cli import optional_value
 from rabbit_archive.replay.deaths import Death, deaths, deaths_of, origin
+from rabbit_archive.replay.edits import _INTS, HeaderEdits, build_edits, typed_value
 from rabbit_archive.replay.filters import Filters, build_filters, where_clause
 from tests.unit.test_amqp_codec import field_values, properties, tables
 
@@ -148,3 +159,121 @@ def test_bad_death_filters_name_their_option(options: dict[str, Any], fragment: 
 )
 def test_a_bare_to_origin_means_queue(args: list[str], expected: list[str]) -> None:
     assert optional_value(args, "--to-origin", "queue", ("queue", "exchange")) == expected
+
+
+# ------------------------------------------------------------------ header edits
+
+_text_keys = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=10
+)
+_texts = _text_keys.map(lambda text: text.encode())
+
+
+def _int_value(letter: str, low: int, high: int) -> st.SearchStrategy[FieldValue]:
+    return st.integers(low, high).map(lambda number: (letter, number))
+
+
+# Values whose `show --json` form names them exactly (UTF-8 text, finite floats, canonical booleans).
+_viewable_scalars = st.one_of(
+    st.booleans().map(lambda flag: ("t", flag)),
+    *(_int_value(letter, low, high) for letter, low, high in _INTS.values() if letter != "T"),
+    _int_value("T", 0, 253_402_300_799),  # up to 9999-12-31T23:59:59Z
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda number: ("d", number)),
+    st.tuples(st.integers(0, 40), st.integers(-(2**31), 2**31 - 1)).map(lambda pair: ("D", pair)),
+    _texts.map(lambda text: ("S", text)),
+    st.binary(max_size=20).map(lambda raw: ("x", raw)),
+    st.just(("V", None)),
+)
+_viewable = st.recursive(
+    _viewable_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3).map(lambda items: ("A", items)),
+        st.lists(st.tuples(_texts, children), max_size=3).map(lambda table: ("F", table)),
+    ),
+    max_leaves=10,
+)
+_viewable_tables = st.lists(st.tuples(_texts, _viewable), max_size=6)
+
+
+@given(_viewable_tables)
+def test_typed_values_read_back_what_show_json_writes(table: Table) -> None:
+    edits = HeaderEdits(set=tuple(table))
+    assert HeaderEdits.from_json(json.loads(json.dumps(edits.to_json()))).set == tuple(table)
+    for entry, (_key, value) in zip(typed_entries(table), table, strict=True):
+        assert typed_value({"type": entry["type"], "value": entry["value"]}) == value
+
+
+_few_keys = st.sampled_from([b"a", b"b", b"tenant", b"x-death", b"\xffodd"])
+
+
+@given(
+    properties,
+    st.lists(st.tuples(_few_keys, _viewable_scalars), max_size=3, unique_by=lambda entry: entry[0]),
+    st.lists(_few_keys, max_size=2, unique=True),
+)
+def test_edits_leave_every_other_header_and_property_byte_identical(
+    props: Properties, setting: list[tuple[bytes, FieldValue]], removing: list[bytes]
+) -> None:
+    removing = [key for key in removing if key not in dict(setting)]
+    edits = HeaderEdits(set=tuple(setting), unset=tuple(removing))
+    raw = encode_properties(props)
+    edited = decode_properties(edits.apply(raw))
+    named = set(dict(setting)) | set(removing)
+    before = [entry for entry in props.headers or [] if entry[0] not in named]
+    after = [entry for entry in edited.headers or [] if entry[0] not in named]
+    # Untouched entries keep their order and their exact encoding.
+    assert encode_table(after) == encode_table(before)
+    for key, value in setting:
+        assert [found for name, found in edited.headers or [] if name == key] == [value]
+    assert not any(name in removing for name, _ in edited.headers or [])
+    assert dataclasses.replace(edited, headers=None) == dataclasses.replace(props, headers=None)
+    if not edits:
+        assert edits.apply(raw) == raw
+
+
+def test_a_set_header_takes_the_place_of_the_first_entry_of_its_name() -> None:
+    table: Table = [(b"a", ("S", b"1")), (b"b", ("I", 2)), (b"a", ("S", b"dup")), (b"c", ("t", True))]
+    edits = HeaderEdits(set=((b"a", ("l", 9)), (b"new", ("S", b"n"))), unset=(b"c",))
+    assert edits.edit_table(table) == [(b"a", ("l", 9)), (b"b", ("I", 2)), (b"new", ("S", b"n"))]
+
+
+def test_build_edits_reads_strings_typed_and_plain_json() -> None:
+    edits = build_edits(
+        ["tenant=acme=1"],
+        [
+            'attempt={"type": "int32", "value": 3}',
+            "flags=[1, true, null]",
+            'when={"type": "timestamp", "value": "2026-11-27T10:00:00Z"}',
+        ],
+        ["x-trace"],
+    )
+    assert edits.set == (
+        (b"tenant", ("S", b"acme=1")),
+        (b"attempt", ("I", 3)),
+        (b"flags", ("A", [("l", 1), ("t", True), ("V", None)])),
+        (b"when", ("T", 1_795_773_600)),
+    )
+    assert edits.unset == (b"x-trace",)
+    assert not build_edits(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("setting", "typed", "removing", "fragment"),
+    [
+        (["novalue"], [], [], "--set-header: expected KEY=VALUE"),
+        (["=v"], [], [], "--set-header: a header name"),
+        (["x-replay-id=1"], [], [], "replay tag"),
+        ([], ["n={bad"], [], "--set-header-json: n: not JSON"),
+        ([], ['n={"type": "int8", "value": 300}'], [], "int8 takes a whole number"),
+        ([], ['n={"type": "bytes", "value": "plain"}'], [], "base64"),
+        ([], ['n={"type": "decimal", "value": "1e400"}'], [], "decimal"),
+        (["a=1"], [], ["a"], "edited twice"),
+        (["a=1", "a=2"], [], [], "edited twice"),
+        ([], [], ["x" * 256], "--unset-header"),
+    ],
+)
+def test_bad_edits_name_their_option(
+    setting: list[str], typed: list[str], removing: list[str], fragment: str
+) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        build_edits(setting, typed, removing)
