@@ -356,7 +356,7 @@ class Preflight:
             await self._events()
 
     async def _connect(
-        self, vhost: str, check: str = "broker", status: Status = "fail"
+        self, vhost: str, check: str = "broker", status: Status = "fail", effect: str = ""
     ) -> aiormq.abc.AbstractConnection | None:
         url = self.settings.amqp_url_for(vhost)
         try:
@@ -365,7 +365,7 @@ class Preflight:
             )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
             detail, fix = _connection_failure(error, mask_url(url), self.user, vhost)
-            self.report.add(check, status, detail, fix, vhost)
+            self.report.add(check, status, detail + effect, fix, vhost)
             return None
         if check == "broker":
             self.report.add(
@@ -484,7 +484,12 @@ class Preflight:
     async def _events(self) -> None:
         """The event exchange (instant discovery): without it discovery is periodic, so warnings only."""
         vhost = self.settings.event_vhost
-        connection = await self._connect(vhost, check="event_exchange", status="warn")
+        connection = await self._connect(
+            vhost,
+            check="event_exchange",
+            status="warn",
+            effect=f"; without {EVENT_EXCHANGE} discovery is periodic",
+        )
         if connection is None:
             return
         try:
@@ -660,6 +665,13 @@ def _connection_failure(error: BaseException, url: str, user: str, vhost: str) -
         return (
             f"the broker at {url} rejected the credentials of user {user!r}",
             "check RABBIT_ARCHIVE_AMQP_URL",
+        )
+    if isinstance(error, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
+        # aiormq's way of reporting the broker's Connection.Close answering Connection.Open.
+        return (
+            f"RabbitMQ did not let user {user!r} into vhost {vhost!r}: the vhost does not exist or the "
+            "user has no permissions there",
+            f"rabbitmqctl set_permissions -p {vhost} {user} ... (see 'Least privilege' in README.md)",
         )
     if "NOT_ALLOWED" in text or "access to vhost" in text:
         return (
