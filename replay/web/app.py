@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rabbit_archive.archive import queries
 from rabbit_archive.archive.db import DATABASE_ERRORS, Connection, database_error
 from rabbit_archive.archive.errors import ArchiveError, DatabaseRefused, UsageError
-from rabbit_archive.config.settings import Settings
+from rabbit_archive.config.settings import Settings, mask_url
 from rabbit_archive.replay import history, operations, selection
 from rabbit_archive.replay.filters import Filters, where_clause
 from rabbit_archive.replay.history import Target
@@ -70,6 +70,24 @@ SECURITY_HEADERS = (
     # Archived messages stay out of browser and proxy caches.
     ("cache-control", "no-store"),
 )
+# The filters templates/_filters.html lays out by hand.
+FORM_LAYOUT = frozenset(
+    {
+        "exchange",
+        "routing_key",
+        "since",
+        "until",
+        "header",
+        "message_id",
+        "correlation_id",
+        "body_contains",
+        "body_json",
+        "vhost",
+        "from_id",
+        "to_id",
+        "include_replays",
+    }
+)
 # Reachable without the token: probes, the login form and its style sheet.
 OPEN_PATHS = ("/healthz", "/login", "/static/")
 
@@ -96,6 +114,15 @@ class Console:
 
     settings: Settings
     pool: "asyncpg.Pool[asyncpg.Record]"
+
+    configured_url: str = ""
+
+    def shown(self, error: BaseException) -> str:
+        """An error's text with DATABASE_URL as configured, not with the console's startup parameters."""
+        text = str(error)
+        if self.configured_url:
+            text = text.replace(mask_url(self.settings.database_url), mask_url(self.configured_url))
+        return text
 
     @property
     def token(self) -> str | None:
@@ -134,8 +161,8 @@ def _form(pairs: views.Pairs) -> dict[str, Any]:
         given = [value for key, value in pairs if key == name and value != ""]
         if name in views.REPEATABLE:
             values[name] = [*given, ""]
-        elif name == "include_replays":
-            values[name] = bool(given) and given[-1].strip().lower() not in ("0", "false", "off", "no")
+        elif name in views.FLAGS:
+            values[name] = views.flag(given)
         else:
             values[name] = given[-1] if given else ""
     return values
@@ -155,7 +182,17 @@ class Pages:
         self.console = console
 
     def _context(self, request: Request, **context: Any) -> dict[str, Any]:
-        return {"guarded": self.console.token is not None, "path": request.url.path, **context}
+        return {
+            "guarded": self.console.token is not None,
+            "path": request.url.path,
+            # Filters the form does not lay out by hand get a plain field each.
+            "more_filters": [
+                {"name": name, "repeatable": name in views.REPEATABLE, "flag": name in views.FLAGS}
+                for name in views.FILTER_NAMES
+                if name not in FORM_LAYOUT
+            ],
+            **context,
+        }
 
     # --- search -------------------------------------------------------------------------
 
@@ -224,7 +261,7 @@ class Pages:
         try:
             verdict = await operations.coverage_verdict(self.console.settings, filters)
         except ArchiveError as error:
-            return {"complete": None, "lines": [f"coverage: not known: {error}"]}
+            return {"complete": None, "lines": [f"coverage: not known: {self.console.shown(error)}"]}
         return {"complete": verdict.complete, "lines": [printable(line) for line in coverage_lines(verdict)]}
 
     # --- preview --------------------------------------------------------------------------
@@ -427,7 +464,10 @@ class Pages:
                 await connection.fetchval(queries.WEB_PING)
         except (ArchiveError, TimeoutError) as error:
             return JSONResponse(
-                {"status": "unavailable", "reason": str(error) or "the database did not answer in 3 s"},
+                {
+                    "status": "unavailable",
+                    "reason": self.console.shown(error) or "the database did not answer in 3 s",
+                },
                 status_code=503,
             )
         return JSONResponse({"status": "ok"})

@@ -17,7 +17,7 @@ import uvicorn
 
 from rabbit_archive.archive.db import create_pool
 from rabbit_archive.archive.errors import ArchiveError, UsageError
-from rabbit_archive.config.settings import Settings
+from rabbit_archive.config.settings import Settings, mask_url
 from rabbit_archive.replay import operations, selection
 from rabbit_archive.replay.web import auth
 from rabbit_archive.replay.web.app import Console, build_app
@@ -40,6 +40,12 @@ def console_database_url(url: str, statement_timeout: float) -> str:
     )
     query += [(key, value) for key, value in wanted if key not in given]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def as_configured(text: str, settings: Settings) -> str:
+    """An error message that names DATABASE_URL as configured, not with the console's parameters."""
+    console_url = console_database_url(settings.database_url, settings.web_statement_timeout)
+    return text.replace(mask_url(console_url), mask_url(settings.database_url))
 
 
 def check_address(host: str, token: str | None) -> None:
@@ -101,8 +107,11 @@ async def serve(settings: Settings, host: str | None = None, port: int | None = 
         update={"database_url": console_database_url(settings.database_url, settings.web_statement_timeout)}
     )
     # The schema and every privilege the pages need, checked once, in one line if missing.
-    async with operations.archive_connection(console_settings, operations.READ_HISTORY):
-        pass
+    try:
+        async with operations.archive_connection(console_settings, operations.READ_HISTORY):
+            pass
+    except ArchiveError as error:
+        raise type(error)(as_configured(str(error), settings)) from None
     sock = listen(host, port)
     try:
         pool = await create_pool(
@@ -113,7 +122,7 @@ async def serve(settings: Settings, host: str | None = None, port: int | None = 
         raise
     try:
         config = uvicorn.Config(
-            build_app(Console(console_settings, pool)),
+            build_app(Console(console_settings, pool, configured_url=settings.database_url)),
             log_config=None,
             access_log=False,  # the console logs one web_request line per request itself
             lifespan="off",

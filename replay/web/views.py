@@ -9,6 +9,7 @@ sets it as text.
 import json
 import math
 import shlex
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -21,11 +22,16 @@ from rabbit_archive.replay.filters import Filters, build_filters
 from rabbit_archive.replay.rendering import body_text, printable
 from rabbit_archive.replay.selection import ArchivedMessage
 
-# The query string's filter names are `find`'s options with underscores: exchange, routing_key,
-# since, ..., include_replays. The repeatable ones take several values.
+# The query string's filter names are `find`'s options with underscores (exchange, routing_key,
+# since, ..., include_replays), and each reads as build_filters reads that option: a list is
+# repeatable, an int an archive id, a bool a flag. A filter added to `find` is in the console too.
 FILTER_NAMES: tuple[str, ...] = tuple(_FILTER_OPTIONS)
-REPEATABLE = frozenset({"exchange", "header", "body_json", "vhost"})
-_NUMBERS = frozenset({"from_id", "to_id"})
+_TYPES = {
+    name: str(typing.get_type_hints(build_filters)[argument]) for name, argument in _FILTER_OPTIONS.items()
+}
+REPEATABLE = frozenset(name for name, kind in _TYPES.items() if "list" in kind)
+FLAGS = frozenset(name for name, kind in _TYPES.items() if "bool" in kind)
+_NUMBERS = frozenset(name for name, kind in _TYPES.items() if "int" in kind)
 _FALSE = frozenset({"", "0", "false", "off", "no"})
 
 # The target options of the preview's command line (not filters: they do not change the selection).
@@ -56,13 +62,18 @@ def filters_from_query(pairs: Pairs, now: datetime) -> Filters:
         given = _values(pairs, name)
         if name in REPEATABLE:
             arguments[argument] = given
-        elif name == "include_replays":
-            arguments[argument] = bool(given) and given[-1].strip().lower() not in _FALSE
+        elif name in FLAGS:
+            arguments[argument] = flag(given)
         elif given and name in _NUMBERS:
             arguments[argument] = _whole_number(name, given[-1])
         elif given:
             arguments[argument] = given[-1]
     return build_filters(**arguments, now=now)
+
+
+def flag(given: list[str]) -> bool:
+    """A checkbox: on unless absent or 0/false/off/no."""
+    return bool(given) and given[-1].strip().lower() not in _FALSE
 
 
 def optional_number(pairs: Pairs, name: str) -> int | None:
@@ -81,27 +92,28 @@ def shown_time(moment: datetime) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}"[:-3]
 
 
+def _text(value: object) -> str:
+    """A Filters value as the option's text: times in ISO 8601, KEY=VALUE pairs, dotted paths."""
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, tuple):
+        key, rest = value
+        return f"{'.'.join(key) if isinstance(key, tuple) else key}={rest}"
+    return str(value)
+
+
 def filter_pairs(filters: Filters) -> list[tuple[str, str]]:
     """The query-string pairs (find's names) that select what the filters select."""
-    pairs: list[tuple[str, str]] = [("exchange", name) for name in filters.exchanges]
-    singles: tuple[tuple[str, object], ...] = (
-        ("routing_key", filters.routing_key),
-        ("since", iso(filters.since) if filters.since else None),
-        ("until", iso(filters.until) if filters.until else None),
-        ("from_id", filters.from_id),
-        ("to_id", filters.to_id),
-    )
-    pairs += [(name, str(value)) for name, value in singles if value is not None]
-    pairs += [("header", f"{key}={value}") for key, value in filters.headers]
-    for name, value in (("message_id", filters.message_id), ("correlation_id", filters.correlation_id)):
-        if value is not None:
-            pairs.append((name, value))
-    if filters.body_contains is not None:
-        pairs.append(("body_contains", filters.body_contains))
-    pairs += [("body_json", f"{'.'.join(path)}={value}") for path, value in filters.body_json]
-    pairs += [("vhost", name) for name in filters.vhosts]
-    if filters.include_replays:
-        pairs.append(("include_replays", "1"))
+    pairs: list[tuple[str, str]] = []
+    for name, argument in _FILTER_OPTIONS.items():
+        # build_filters' arguments are the Filters fields of the same names.
+        value = getattr(filters, argument)
+        if name in FLAGS:
+            pairs += [(name, "1")] if value else []
+        elif name in REPEATABLE:
+            pairs += [(name, _text(item)) for item in value]
+        elif value is not None:
+            pairs.append((name, _text(value)))
     return pairs
 
 
@@ -171,7 +183,7 @@ def run_command(filters: Filters, newest_id: int, target: CommandTarget) -> str:
     fixed = replace(filters, to_id=newest_id if filters.to_id is None else min(filters.to_id, newest_id))
     words = ["rabbit-replay", "run"]
     for name, value in filter_pairs(fixed):
-        words += _option(name, None if name == "include_replays" else value)
+        words += _option(name, None if name in FLAGS else value)
     for name, value in (("to_exchange", target.to_exchange), ("to_queue", target.to_queue)):
         if value:
             words += _option(name, value)

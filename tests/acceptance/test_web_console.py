@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import time
 import uuid
@@ -447,6 +448,11 @@ def test_any_address_but_loopback_needs_the_token_and_every_request_carries_it(
         {**capture_env, "RABBIT_ARCHIVE_WEB_HOST": "0.0.0.0"}, "web", "--port", str(free_port()), timeout=30
     )
     assert_one_line_error(by_variable, 2, "--host 0.0.0.0 is not a loopback address")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = replay_command(capture_env, "web", "--port", str(taken.getsockname()[1]), timeout=30)
+    assert_one_line_error(busy, 1, "cannot listen on 127.0.0.1:")
 
     console = web_console({**capture_env, "RABBIT_ARCHIVE_WEB_TOKEN": TOKEN}, "--host", "0.0.0.0")
     assert TOKEN not in console.log()

@@ -26,7 +26,10 @@ def query(text: str) -> list[tuple[str, str]]:
 
 
 def test_every_find_filter_has_its_query_name_with_underscores() -> None:
-    assert set(views.FILTER_NAMES) == {
+    assert tuple(cli._FILTER_OPTIONS) == views.FILTER_NAMES
+    assert {"exchange", "header", "body_json", "vhost"} <= views.REPEATABLE
+    assert "include_replays" in views.FLAGS
+    assert set(views.FILTER_NAMES) >= {
         "exchange",
         "routing_key",
         "since",
@@ -299,3 +302,13 @@ def test_the_start_of_a_larger_body_is_shown_as_cut() -> None:
     json_start = views.body_view(b'{"a": 1, "b": [' + b"1," * 100, 1_000_000)
     assert json_start.kind == "text", "only a whole body is parsed as JSON"
     assert views.body_limit(full=True) == views.FULL_BYTES
+
+
+def test_every_filter_of_find_goes_through_the_query_and_the_command_line() -> None:
+    # Filters added to find later (here the dead-letter ones) need nothing of their own.
+    text = "dead_lettered_from=billing&death_reason=rejected&exchange=dlx&body_json=order.id=7"
+    filters = views.filters_from_query(query(text), NOW)
+    assert (filters.dead_lettered_from, filters.death_reason) == ("billing", "rejected")
+    assert views.filters_from_query(query(views.query_string(views.filter_pairs(filters))), NOW) == filters
+    parsed, _ = run_command_filters(views.run_command(filters, 9, views.CommandTarget()))
+    assert parsed == Filters(**{**filters.__dict__, "to_id": 9})

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from rabbit_archive.archive.errors import UsageError
-from rabbit_archive.config.settings import Settings, load_settings
+from rabbit_archive.config.settings import Settings, load_settings, mask_url
 from rabbit_archive.replay.web import auth, server, views
 from rabbit_archive.replay.web.app import CSP, TEMPLATES, Console, build_app
 
@@ -96,6 +96,15 @@ def test_console_connections_get_a_statement_timeout_and_read_only_transactions(
     # What the operator set in DATABASE_URL wins.
     assert "statement_timeout=100&" in server.console_database_url(
         "postgresql://h/db?statement_timeout=100", 10
+    )
+
+
+def test_errors_name_the_database_url_as_configured() -> None:
+    settings = Settings(database_url="postgresql://u:secret@db/archive")
+    console_url = server.console_database_url(settings.database_url, settings.web_statement_timeout)
+    text = f"cannot reach PostgreSQL at {mask_url(console_url)}: connection refused"
+    assert server.as_configured(text, settings) == (
+        "cannot reach PostgreSQL at postgresql://u:***@db/archive: connection refused"
     )
 
 
@@ -207,7 +216,11 @@ def test_templates_escape_every_archived_value() -> None:
     html = TEMPLATES.get_template("search.html").render(
         guarded=False,
         path="/",
-        form={name: [HOSTILE, ""] if name in views.REPEATABLE else HOSTILE for name in views.FILTER_NAMES},
+        more_filters=[{"name": "dead_lettered_from", "repeatable": False, "flag": False}],
+        form={
+            name: [HOSTILE, ""] if name in views.REPEATABLE else HOSTILE
+            for name in [*views.FILTER_NAMES, "dead_lettered_from"]
+        },
         query=views.query_string([("exchange", HOSTILE)]),
         rows=[row],
         more=None,
