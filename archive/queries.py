@@ -279,6 +279,16 @@ SET failed_ids = $2::bigint[], settled_cursor = $3, updated_at = now()
 WHERE id = $1
 """
 
+# Options written as a JSON string (history.create's json.dumps through the jsonb codec) are
+# read back as the object they hold before the keys are added.
+MERGE_REPLAY_OPTIONS = """
+UPDATE rabbit_archive.replays
+SET options = (CASE WHEN jsonb_typeof(options) = 'string' THEN (options #>> '{}')::jsonb ELSE options END)
+              || $2::jsonb,
+    updated_at = now()
+WHERE id = $1
+"""
+
 GET_REPLAY_FAILURES = """
 SELECT id, failed_ids, settled_cursor FROM rabbit_archive.replays WHERE ($1::text IS NULL OR id = $1)
 """

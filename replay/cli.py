@@ -452,6 +452,21 @@ def run(
     unset_header: Annotated[
         list[str] | None, typer.Option("--unset-header", metavar="KEY", help="Remove a header (repeatable).")
     ] = None,
+    canary: Annotated[
+        int | None,
+        typer.Option(
+            "--canary",
+            metavar="N",
+            min=1,
+            help="Publish N first, show the target queue, then ask (--yes: go on only if it drained).",
+        ),
+    ] = None,
+    canary_wait: Annotated[
+        float | None,
+        typer.Option(
+            "--canary-wait", metavar="SECONDS", min=0, help="With --yes: how long the canary may take (60)."
+        ),
+    ] = None,
     expect_count: Annotated[
         int | None,
         typer.Option(
@@ -470,6 +485,10 @@ def run(
         fail(f"--to-origin: {to_origin!r} is not one of {', '.join(ORIGINS)} (bare --to-origin: queue)", 2)
     if routing_key_to is not None and (to_queue is not None or to_origin is not None):
         fail("--routing-key-to sets the key of exchange publishes: leave out --to-queue and --to-origin", 2)
+    if canary is not None and to_queue is None and to_origin != "queue":
+        fail("--canary watches the target queue: give --to-queue or --to-origin", 2)
+    if canary_wait is not None and canary is None:
+        fail("--canary-wait is how long --canary waits: give --canary", 2)
     if routing_key_to is not None and len(routing_key_to.encode("utf-8", "surrogateescape")) > 255:
         fail("--routing-key-to: a routing key holds at most 255 bytes", 2)
     if from_file is not None:
@@ -501,6 +520,8 @@ def run(
         dry_run=dry_run,
         expect_count=expect_count,
         edits=edits,
+        canary=canary,
+        canary_wait=60.0 if canary_wait is None else canary_wait,
     )
     _run_replay(
         lambda announce: operations.run(
@@ -510,6 +531,7 @@ def run(
             announce=announce,
             show_preview=lambda preview: rendering.print_preview(preview, target, dry_run),
             progress=_progress(),
+            notify=lambda text: print(rendering.printable(text), file=sys.stderr, flush=True),
         )
     )
 

@@ -227,6 +227,11 @@ async def save_failures(
     await connection.execute(queries.SAVE_REPLAY_FAILURES, replay_id, failed, settled_cursor)
 
 
+async def merge_options(connection: Connection, replay_id: str, options: dict[str, Any]) -> None:
+    """Add keys to the replay's stored options (what its canary found)."""
+    await connection.execute(queries.MERGE_REPLAY_OPTIONS, replay_id, options)
+
+
 async def finish(connection: Connection, replay_id: str, status: str, error: str | None = None) -> None:
     """Mark the replay completed, incomplete, interrupted or failed."""
     await connection.execute(queries.FINISH_REPLAY, replay_id, status, error)

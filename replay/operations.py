@@ -11,12 +11,13 @@ import secrets
 import signal
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import quote
 
 import asyncpg
@@ -347,6 +348,9 @@ class RunRequest:
     dry_run: bool = False
     # Applied to each message's headers before the replay tags (`--set-header` and the like).
     edits: HeaderEdits = field(default_factory=HeaderEdits)
+    # Publish this many first, then check the target queue (`--canary`, `--canary-wait`).
+    canary: int | None = None
+    canary_wait: float = 60.0
     # Refuse (exit 2, nothing published) unless exactly this many are selected.
     expect_count: int | None = None
 
@@ -549,8 +553,9 @@ async def run(
     announce: Announce,
     show_preview: Callable[[Preview], None],
     progress: Progress,
+    notify: Callable[[str], None] = lambda _text: None,
 ) -> Outcome | None:
-    """Start a replay (None for a dry run or an empty selection)."""
+    """Start a replay (None for a dry run or an empty selection); notify shows the canary's result."""
     async with archive_connection(settings) as connection, contextlib.AsyncExitStack() as files:
         # A file is checked whole (end marker, count, digest) before anything else happens.
         checked, copy = files.enter_context(_checked_file(request.file)) if request.file else (None, None)
@@ -589,6 +594,8 @@ async def run(
                 "max_queue_depth": request.max_queue_depth,
                 "new_message_id": request.new_message_id,
                 "edits": request.edits.to_json() if request.edits else None,
+                "canary": request.canary,
+                "canary_wait": request.canary_wait if request.canary else None,
                 "vhost": vhost,
                 "file": str(request.file.resolve()) if request.file else None,
             }
@@ -619,6 +626,11 @@ async def run(
                 new_message_id=request.new_message_id,
                 edits=request.edits,
             )
+            if request.canary:
+                job.canary = request.canary
+                job.canary_gate = await _canary_gate(
+                    settings, connection, publisher, job, request, vhost, confirm=confirm, notify=notify
+                )
             return await _run_job(job, connection, publisher, progress)
         finally:
             await publisher.close()
@@ -704,6 +716,90 @@ async def resume(
             return await _run_job(job, connection, publisher, progress)
         finally:
             await publisher.close()
+
+
+async def _queue_stats(settings: Settings, vhost: str, queue: str) -> dict[str, Any] | None:
+    """The management API's view of a queue (consumers, unacknowledged, acks), None without an answer."""
+    path = f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+    for base in settings.management_bases:
+        try:
+            async with httpx.AsyncClient(auth=settings.management_auth, timeout=5) as client:
+                response = await client.get(base + path)
+            if response.status_code == 200:
+                found = response.json()
+                return found if isinstance(found, dict) else None
+        except (httpx.HTTPError, ValueError):
+            continue
+    return None
+
+
+def _acks(stats: dict[str, Any] | None) -> int | None:
+    value = ((stats or {}).get("message_stats") or {}).get("ack")
+    return value if isinstance(value, int) else None
+
+
+async def _canary_gate(
+    settings: Settings,
+    connection: Connection,
+    publisher: Publisher,
+    job: Job,
+    request: RunRequest,
+    job_vhost: str,
+    *,
+    confirm: Confirm | None,
+    notify: Callable[[str], None],
+) -> Callable[[list[str]], Awaitable[None]]:
+    """What happens once the canary is out: show the target queues, then ask, or (with --yes) wait
+    up to --canary-wait for them to drain; a stop is ReplayStopped (interrupted, resumable)."""
+    vhost = job_vhost
+    start = {}
+    if request.target.queue is not None:
+        # Acknowledgements since the start need the count before it.
+        start[request.target.queue] = _acks(await _queue_stats(settings, vhost, request.target.queue))
+    size = request.canary or 0
+
+    async def state(queue: str) -> tuple[int, int | None, str]:
+        ready = await publisher.queue_depth(queue)
+        stats = await _queue_stats(settings, vhost, queue)
+        unacked = stats.get("messages_unacknowledged") if stats else None
+        acks, before = _acks(stats), start.get(queue)
+        parts = [f"{ready} ready", f"{unacked if unacked is not None else '?'} unacknowledged"]
+        if stats is not None:
+            parts.append(f"{stats.get('consumers', 0)} consumers")
+        if acks is not None and before is not None:
+            parts.append(f"{acks - before} acknowledged since the start")
+        return ready, unacked if isinstance(unacked, int) else None, f"queue {queue!r}: {', '.join(parts)}"
+
+    async def record(result: str) -> None:
+        await history.merge_options(connection, job.replay_id, {"canary_result": result})
+
+    async def gate(queues: list[str]) -> None:
+        states = [await state(queue) for queue in queues]
+        notify(f"canary: the first {size} are confirmed; " + "; ".join(text for _, _, text in states))
+        if confirm is not None:
+            if not await asyncio.to_thread(confirm, f"Go on with the other {job.selected - size}?", None):
+                await record("stopped: not confirmed by the operator")
+                raise ReplayStopped("canary: not confirmed by the operator")
+            await record("confirmed by the operator")
+            return
+        waited = time.monotonic()
+        while True:
+            if all(ready == 0 and not unacked for ready, unacked, _ in states):
+                seconds = time.monotonic() - waited
+                await record(f"drained in {seconds:.1f} s")
+                notify(f"canary: drained in {seconds:.1f} s; going on")
+                return
+            if time.monotonic() - waited >= request.canary_wait:
+                left = "; ".join(text for _, _, text in states)
+                await record(f"stopped: not drained within {request.canary_wait:g} s ({left})")
+                raise ReplayStopped(
+                    f"canary: the target did not drain the first {size} "
+                    f"within {request.canary_wait:g} s ({left})"
+                )
+            await asyncio.sleep(0.5)
+            states = [await state(queue) for queue in queues]
+
+    return gate
 
 
 def _failed_kinds(record: ReplayRecord) -> dict[int, str]:

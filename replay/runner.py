@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +90,10 @@ class Job:
     max_queue_depth: int | None = None
     new_message_id: bool = False
     edits: HeaderEdits = field(default_factory=HeaderEdits)
+    # `--canary N`: after the first N publishes of this run are settled, the gate is awaited with
+    # the queues they went to; it returns to go on or raises ReplayStopped.
+    canary: int | None = None
+    canary_gate: "Callable[[list[str]], Awaitable[None]] | None" = None
     # Where a resume continues (the last position answered, with every earlier one), and the
     # history's confirmed cursor when it lies before (messages nacked or returned in between).
     cursor: int = 0
@@ -455,6 +459,8 @@ async def execute(
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"lost PostgreSQL during the replay: {describe(error)}") from None
 
+    canary_queues: set[str] = set()
+    canary_sent = 0
     # The message being handled: kept when the broker goes away before it was published, so
     # that it is published on the next node.
     current: tuple[int, ArchivedMessage, bool] | None = None
@@ -533,6 +539,19 @@ async def execute(
                 counts.published += 1
                 progress.advance(counts.published)
                 window.settle()
+                if job.canary is not None:
+                    canary_sent += 1
+                    if not exchange:
+                        canary_queues.add(routing_key)
+                    if canary_sent >= job.canary:
+                        # The canary's confirms first: the gate judges what the broker holds.
+                        await window.drain(STOP_GRACE, stop)
+                        if stop.is_set():
+                            break
+                        await save()
+                        gate, job.canary = job.canary_gate, None
+                        if gate is not None:
+                            await gate(sorted(canary_queues))
                 if time.monotonic() - last_save >= SAVE_EVERY:
                     await save()
                     last_save = time.monotonic()

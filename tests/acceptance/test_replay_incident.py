@@ -6,10 +6,12 @@ import dataclasses
 import os
 import pty
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pika
 import pytest
 
 from rabbit_archive.archive.amqp_codec import (
@@ -24,6 +26,7 @@ from tests.acceptance.test_replay import assert_one_line_error, json_lines, ok, 
 from tests.acceptance.test_replay_resume import archived, depth, drain
 from tests.acceptance.test_replay_trust import loaded
 from tests.support.daemon import CaptureProcess, command, wait_for
+from tests.support.services import Services
 
 pytestmark = pytest.mark.acceptance
 
@@ -313,3 +316,115 @@ def test_header_edits_and_routing_key_arrive_with_every_other_byte_identical(
     assert [entry["key"] for entry in record["options"]["edits"]["set"]] == ["tenant", "int8", "extra"]
     bad = replay_command(capture_env, "run", "--exchange", "typed", "--set-header-json", "n={", "--yes")
     assert_one_line_error(bad, 2, "--set-header-json")
+
+
+# ------------------------------------------------------------------ canary
+
+
+class Consumer:
+    """A consumer on its own connection and thread that acknowledges everything from one queue."""
+
+    def __init__(self, services: Services, vhost: str, queue: str) -> None:
+        self.received = 0
+        self._stop = threading.Event()
+        parameters = pika.ConnectionParameters(
+            host=services.amqp_host,
+            port=services.amqp_port,
+            virtual_host=vhost,
+            credentials=pika.PlainCredentials("guest", "guest"),
+        )
+        self._connection = pika.BlockingConnection(parameters)
+        self._channel = self._connection.channel()
+        self._channel.basic_qos(prefetch_count=50)
+        self._queue = queue
+        self._thread = threading.Thread(target=self._run, name="test-consumer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for method, _properties, _body in self._channel.consume(self._queue, inactivity_timeout=0.2):
+            if self._stop.is_set():
+                break
+            if method is not None:
+                self._channel.basic_ack(method.delivery_tag)
+                self.received += 1
+        self._channel.cancel()
+        self._connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_canary_goes_on_when_the_target_drains_it(
+    loaded: Callable[[int], list[int]],
+    capture_env: dict[str, str],
+    pika_channel: Any,
+    services: Services,
+    vhost: str,
+) -> None:
+    loaded(1000)
+    pika_channel.queue_declare("canary-q", durable=True)
+    consumer = Consumer(services, vhost, "canary-q")
+    try:
+        result = replay_command(
+            capture_env,
+            "run",
+            "--exchange",
+            "load",
+            "--to-queue",
+            "canary-q",
+            "--canary",
+            "10",
+            "--canary-wait",
+            "20",
+            "--yes",
+        )
+        ok(result)
+        assert "canary: the first 10 are confirmed; queue 'canary-q':" in result.stderr
+        assert "canary: drained in" in result.stderr
+        wait_for(lambda: consumer.received == 1000, 30, what="the consumer got every message")
+    finally:
+        consumer.close()
+    record = history(capture_env)[-1]
+    assert record["status"] == "completed"
+    assert record["options"]["canary"] == 10
+    assert record["options"]["canary_result"].startswith("drained in")
+
+
+def test_canary_stops_resumably_when_nothing_drains_it_and_resume_keeps_the_edits(
+    loaded: Callable[[int], list[int]], capture_env: dict[str, str], pika_channel: Any
+) -> None:
+    loaded(1000)
+    pika_channel.queue_declare("nobody", durable=True)
+    args = ("--to-queue", "nobody", "--canary", "10", "--canary-wait", "1", "--set-header", "fixed=yes")
+    result = replay_command(capture_env, "run", "--exchange", "load", *args, "--yes")
+    assert_one_line_error(result, 1, "canary: the target did not drain the first 10 within 1 s", "resume")
+    replay_id = result.stdout.splitlines()[0]
+    record = history(capture_env)[-1]
+    assert record["status"] == "interrupted"
+    assert (record["published"], record["confirmed"]) == (10, 10)
+    assert record["options"]["canary_result"].startswith("stopped: not drained within 1 s")
+    assert "canary" in record["error"]
+    assert depth(pika_channel, "nobody") == 10
+    # The operator looked and decided: resume sends the rest, with the same edits, no second canary.
+    ok(replay_command(capture_env, "resume", replay_id, "--yes"))
+    delivered = drain(pika_channel, "nobody")
+    assert len(delivered) == 1000
+    assert all(headers["fixed"] == "yes" for headers in delivered)
+    assert history(capture_env)[-1]["status"] == "completed"
+    wrong = replay_command(capture_env, "run", "--exchange", "load", "--canary", "5", "--yes")
+    assert_one_line_error(wrong, 2, "--canary")
+
+
+def test_canary_asks_on_a_terminal(
+    loaded: Callable[[int], list[int]], capture_env: dict[str, str], pika_channel: Any
+) -> None:
+    loaded(30)
+    pika_channel.queue_declare("asked", durable=True)
+    args = ["run", "--exchange", "load", "--to-queue", "asked", "--canary", "5"]
+    code, output = _answer_on_a_terminal(capture_env, args, "y\nn")
+    assert code == 1, output
+    assert "canary: the first 5 are confirmed; queue 'asked': 5 ready" in output
+    assert "Go on with the other 25?" in output
+    assert depth(pika_channel, "asked") == 5
+    assert history(capture_env)[-1]["options"]["canary_result"] == "stopped: not confirmed by the operator"
