@@ -136,6 +136,7 @@ _RAW_CLASSES: dict[type[base.Frame], type[base.Frame]] = {
         commands.Queue.Delete,
         commands.Exchange.Declare,
         commands.Exchange.Delete,
+        commands.Exchange.Unbind,
         commands.Basic.Consume,
         commands.Basic.Publish,
         commands.Connection.Open,
@@ -218,6 +219,21 @@ def exchange_delete(exchange: str) -> base.Frame:
     """exchange.delete."""
     payload = _SHORT.pack(0) + _shortstr(exchange) + _bits(False, False)
     return _method(commands.Exchange.Delete, payload, exchange=exchange, nowait=False)
+
+
+def exchange_unbind(
+    destination: str, source: str, routing_key: str, arguments: Mapping[str, Any] | None = None
+) -> base.Frame:
+    """exchange.unbind."""
+    payload = (
+        _SHORT.pack(0)
+        + _shortstr(destination)
+        + _shortstr(source)
+        + _shortstr(routing_key)
+        + _bits(False)
+        + _table(arguments)
+    )
+    return _method(commands.Exchange.Unbind, payload, destination=destination, source=source, nowait=False)
 
 
 def basic_consume(

@@ -3,9 +3,10 @@
 from datetime import timedelta
 from typing import Any
 
+from rabbit_archive.archive.checks import Report
 from rabbit_archive.archive.db import create_pool
 from rabbit_archive.archive.migrate import apply_migrations
-from rabbit_archive.capture.preflight import Preflight, Report
+from rabbit_archive.capture.preflight import Preflight
 from rabbit_archive.capture.status import collect_status
 from rabbit_archive.capture.store import prune as prune_partitions
 from rabbit_archive.config import Settings

@@ -1,8 +1,7 @@
 """`rabbit-capture check`: a preflight that changes nothing and reports every problem at once, with its fix.
 
-The broker decides what a user may do, so rights are not guessed from permission regexes
-(which only an administrator may read) but asked of the broker with AMQP methods it refuses
-or accepts before they could change anything:
+Rights are asked of the broker with AMQP methods it refuses or accepts before they could
+change anything:
 
 - configure on the archive queue: queue.declare with the configured arguments when the queue
   exists (the same arguments change nothing; other ones are the conflict the daemon would
@@ -13,7 +12,7 @@ or accepts before they could change anything:
 - read on the archive queue: basic.consume with an `x-priority` that is not a number, refused
   for permission first, else rejected as a bad argument before any consumer exists.
 
-Each probe gets a channel of its own: a refusal closes the channel it happened on.
+Findings, the report and the probes themselves are archive/checks.py's.
 """
 
 import asyncio
@@ -21,9 +20,8 @@ import contextlib
 import ssl
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiormq
@@ -31,8 +29,15 @@ import aiormq.abc
 import asyncpg
 
 from rabbit_archive.archive import frames, queries
+from rabbit_archive.archive.checks import (
+    Probes,
+    Report,
+    Status,
+    connection_failure,
+    probe_arguments,
+)
 from rabbit_archive.archive.db import CONNECTION_ERRORS, DATABASE_ERRORS
-from rabbit_archive.archive.errors import ArchiveError, describe, reply_text
+from rabbit_archive.archive.errors import ArchiveError, describe
 from rabbit_archive.archive.migrate import latest_version, schema_version
 from rabbit_archive.capture.binding_plan import BindingPlan
 from rabbit_archive.capture.consumer import queue_arguments
@@ -42,9 +47,6 @@ from rabbit_archive.capture.management import ManagementApi, management_client
 from rabbit_archive.capture.metrics import CaptureMetrics
 from rabbit_archive.config.settings import ConfigError, Settings, mask_url
 
-Status = Literal["ok", "warn", "fail"]
-Outcome = Literal["accepted", "refused", "not_found", "rejected", "failed"]
-
 # Oldest versions the product is built and tested against (README).
 MIN_RABBITMQ = (3, 10)
 MIN_POSTGRESQL = 130000
@@ -52,63 +54,8 @@ MIN_POSTGRESQL = 130000
 MAX_BROKER_SKEW = 2.0  # the HTTP Date header has whole seconds
 MAX_DATABASE_SKEW = 1.0
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
-# An argument no real binding has: unbinding with it can never remove anything.
-PROBE_ARGUMENT = "x-rabbit-archive-check"
 # Tags whose holders may use the management API as the daemon does.
 MANAGEMENT_TAGS = frozenset({"management", "policymaker", "monitoring", "administrator"})
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing checked: what was found and, unless it is fine, what to do."""
-
-    check: str
-    status: Status
-    detail: str
-    fix: str = ""
-    vhost: str | None = None
-
-
-@dataclass
-class Report:
-    """Every finding of one run, in the order checked."""
-
-    findings: list[Finding] = field(default_factory=list)
-
-    def add(self, check: str, status: Status, detail: str, fix: str = "", vhost: str | None = None) -> None:
-        """Record one finding."""
-        self.findings.append(Finding(check, status, detail, fix, vhost))
-
-    @property
-    def problems(self) -> list[Finding]:
-        """The findings that would stop or cripple capture."""
-        return [finding for finding in self.findings if finding.status == "fail"]
-
-    @property
-    def ok(self) -> bool:
-        """True when capture would work."""
-        return not self.problems
-
-    def as_json(self) -> dict[str, Any]:
-        """`check --json`."""
-        return {
-            "ok": self.ok,
-            "problems": len(self.problems),
-            "findings": [asdict(finding) for finding in self.findings],
-        }
-
-
-def outcome(error: BaseException | None) -> Outcome:
-    """What a probe's answer means: accepted, refused (403), not_found (404), rejected (406) or failed."""
-    if error is None:
-        return "accepted"
-    if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
-        return "refused"
-    if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity):
-        return "not_found"
-    if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed):
-        return "rejected"
-    return "failed"
 
 
 def user_tags(whoami: dict[str, Any]) -> set[str]:
@@ -236,28 +183,6 @@ def _refused_fix(user: str, vhost: str, right: str, name: str) -> str:
     )
 
 
-class Probes:
-    """Read-only AMQP probes on one connection; each on a channel of its own."""
-
-    def __init__(self, connection: aiormq.abc.AbstractConnection) -> None:
-        self._connection = connection
-
-    async def ask(self, frame: Any) -> tuple[Outcome, str]:
-        """Send one method; what the broker answered and its reply text."""
-        channel = await self._connection.channel()
-        try:
-            await frames.rpc(channel, frame)
-        except aiormq.exceptions.AMQPError as error:
-            return outcome(error), reply_text(error)
-        with contextlib.suppress(aiormq.exceptions.AMQPError):
-            await channel.close()
-        return "accepted", ""
-
-
-def _probe_arguments() -> dict[str, Any]:
-    return {PROBE_ARGUMENT: uuid.uuid4().hex}
-
-
 class Preflight:
     """Runs every check of `rabbit-capture check` against the configured servers."""
 
@@ -364,7 +289,7 @@ class Preflight:
                 frames.connect(url, vhost, client_properties={"connection_name": "rabbit-capture check"}), 30
             )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
-            detail, fix = _connection_failure(error, mask_url(url), self.user, vhost)
+            detail, fix = connection_failure(error, mask_url(url), self.user, vhost)
             self.report.add(check, status, detail + effect, fix, vhost)
             return None
         if check == "broker":
@@ -417,7 +342,7 @@ class Preflight:
         # Write on the queue is checked first, then read on the (missing) exchange: a refusal that
         # names the exchange means write was granted.
         answer, text = await probes.ask(
-            frames.queue_unbind(queue, f"rabbit-archive-check-{uuid.uuid4().hex}", "", _probe_arguments())
+            frames.queue_unbind(queue, f"rabbit-archive-check-{uuid.uuid4().hex}", "", probe_arguments())
         )
         if answer == "refused" and "access to queue" in text:
             report.add(
@@ -453,7 +378,7 @@ class Preflight:
             return
         refused: list[str] = []
         for exchange, key in wanted:
-            answer, text = await probes.ask(frames.queue_unbind(queue, exchange, key, _probe_arguments()))
+            answer, text = await probes.ask(frames.queue_unbind(queue, exchange, key, probe_arguments()))
             if answer == "refused" and "access to queue" in text:
                 # Write on the queue is checked first (and reported above): exchanges are unknown.
                 self.report.add(
@@ -513,7 +438,7 @@ class Preflight:
             )
             bound, bind_text = await probes.ask(
                 frames.queue_unbind(
-                    "amq.gen-rabbit-archive-check", EVENT_EXCHANGE, "exchange.created", _probe_arguments()
+                    "amq.gen-rabbit-archive-check", EVENT_EXCHANGE, "exchange.created", probe_arguments()
                 )
             )
             missing = [t for answer, t in ((declared, text), (bound, bind_text)) if answer == "refused"]
@@ -651,37 +576,6 @@ def _database_fix(error: BaseException) -> str:
     if isinstance(error, ssl.SSLError):
         return "trust the server's certificate (sslrootcert= in RABBIT_ARCHIVE_DATABASE_URL)"
     return "check RABBIT_ARCHIVE_DATABASE_URL and that PostgreSQL runs"
-
-
-def _connection_failure(error: BaseException, url: str, user: str, vhost: str) -> tuple[str, str]:
-    """One line for a failed AMQP connection, and its fix."""
-    text = reply_text(error)
-    if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
-        return (
-            f"the broker's TLS certificate at {url} is not trusted: {describe(error)}",
-            "add cafile=/path/to/ca.pem to RABBIT_ARCHIVE_AMQP_URL's query, or install the CA",
-        )
-    if isinstance(error, aiormq.exceptions.ProbableAuthenticationError):
-        return (
-            f"the broker at {url} rejected the credentials of user {user!r}",
-            "check RABBIT_ARCHIVE_AMQP_URL",
-        )
-    if isinstance(error, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
-        # aiormq's way of reporting the broker's Connection.Close answering Connection.Open.
-        return (
-            f"RabbitMQ did not let user {user!r} into vhost {vhost!r}: the vhost does not exist or the "
-            "user has no permissions there",
-            f"rabbitmqctl set_permissions -p {vhost} {user} ... (see 'Least privilege' in README.md)",
-        )
-    if "NOT_ALLOWED" in text or "access to vhost" in text:
-        return (
-            f"user {user!r} may not open vhost {vhost!r} ({text})",
-            f"rabbitmqctl set_permissions -p {vhost} {user} ... (see 'Least privilege' in README.md)",
-        )
-    return (
-        f"cannot reach RabbitMQ at {url}: {describe(error)}",
-        "check RABBIT_ARCHIVE_AMQP_URL and that RabbitMQ runs",
-    )
 
 
 async def check(settings: Settings) -> Report:

@@ -4,10 +4,12 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from rabbit_archive.archive.checks import report_lines
+
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from rabbit_archive.capture.preflight import Report
+    from rabbit_archive.archive.checks import Report
 
 
 def _binding_text(binding: dict[str, Any]) -> str:
@@ -108,29 +110,7 @@ def print_status(report: dict[str, Any]) -> None:
     )
 
 
-_MARKS = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
-
-
 def print_check(report: "Report") -> None:
     """The `check` list: one line per finding, its fix under it, and a verdict."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console(highlight=False, soft_wrap=True)
-    for finding in report.findings:
-        line = Text(f"{_MARKS[finding.status]}  {finding.check}")
-        if finding.vhost is not None:
-            line.append(" (vhost ")
-            line.append_text(shown(finding.vhost))
-            line.append(")")
-        line.append(": ")
-        line.append_text(shown(finding.detail))
-        console.print(line)
-        if finding.fix:
-            console.print(Text("      fix: ").append_text(shown(finding.fix)))
-    problems = len(report.problems)
-    console.print(
-        "capture would work"
-        if report.ok
-        else f"{problems} problem{'s' * (problems != 1)}: capture would not work"
-    )
+    for line in report_lines(report, "capture"):
+        print(line)

@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -565,6 +566,47 @@ def history(as_json: JsonOpt = False) -> None:
             print(json_line(record.to_json()))
         return
     rendering.print_history(records)
+
+
+@app.command()
+def check(
+    to_exchange: Annotated[
+        str | None, typer.Option("--to-exchange", metavar="TEXT", help="Check publishing to this exchange.")
+    ] = None,
+    to_queue: Annotated[
+        str | None,
+        typer.Option(
+            "--to-queue", metavar="TEXT", help="Check publishing into this queue (default exchange)."
+        ),
+    ] = None,
+    exchange: ExchangeOpt = None,
+    target_url: Annotated[
+        str | None,
+        typer.Option(
+            "--target-url", metavar="TEXT", help="Broker and vhost to publish to (default AMQP_URL)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object.")] = False,
+) -> None:
+    """Check, changing nothing, that a replay could run: archive privileges, target, write rights.
+
+    Without --exchange, --to-exchange or --to-queue, the exchanges archived from the target vhost
+    over the last day are checked. Exits 0 when a replay would work, 1 otherwise.
+    """
+    from rabbit_archive.archive.checks import report_lines
+    from rabbit_archive.replay.preflight import Targets
+    from rabbit_archive.replay.preflight import check as run_check
+
+    settings = settings_or_exit()
+    targets = Targets(to_exchange, to_queue, tuple(exchange or ()), target_url)
+    report = run_async(lambda: run_check(settings, targets))
+    if as_json:
+        print(json.dumps(report.as_json()))
+    else:
+        for line in report_lines(report, "a replay"):
+            print(line)
+    if not report.ok:
+        fail(f"{len(report.problems)} problem(s) found: fix them as listed and run the check again", 1)
 
 
 @app.command()

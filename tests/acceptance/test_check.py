@@ -22,9 +22,12 @@ from tests.acceptance.test_least_privilege import (
     database_name,
     dropped_roles,
     rabbit_user,
+    rabbitmqctl,
+    set_permissions,
     sql_statements,
     with_user,
 )
+from tests.acceptance.test_replay import replay_command
 from tests.conftest import run_sql
 from tests.support.services import Services
 
@@ -206,3 +209,60 @@ def test_every_problem_is_reported_in_one_run(
     # Nothing changed: the queue is still the classic one, the database has no schema.
     assert management.get(f"/api/queues/{vhost}/rabbit-archive").json()["type"] == "classic"
     assert schema is None
+
+
+def test_replay_check_passes_with_the_documented_rights_and_names_each_missing_one(
+    services: Services,
+    management: httpx.Client,
+    vhost: str,
+    amqp_url: str,
+    capture_env: dict[str, str],
+    database_url: str,
+    pika_channel: Any,
+) -> None:
+    pika_channel.exchange_declare("orders", "topic", durable=True)
+    pika_channel.queue_declare("debug", durable=True)
+    assert capture_command(capture_env, "migrate").returncode == 0
+    database = database_name(database_url)
+    role = f"check_replay_{uuid.uuid4().hex[:8]}"
+    _, replay_sql = blocks("sql")
+    configure, write, read = rabbitmqctl("rabbit-replay")["set_permissions"][-3:]
+    with (
+        dropped_roles(services, database, role),
+        rabbit_user(management, vhost, "check-replay", (configure, write, read)) as user,
+    ):
+        for statement in sql_statements(replay_sql, {"rabbit_replay": role}):
+            run_sql(database_url, statement)
+        env = {
+            **capture_env,
+            "RABBIT_ARCHIVE_AMQP_URL": with_user(amqp_url, user),
+            "RABBIT_ARCHIVE_DATABASE_URL": with_user(database_url, role),
+        }
+        passed = replay_command(env, "check", "--json", "--exchange", "orders", "--to-queue", "debug")
+        assert passed.returncode == 0, passed.stdout + passed.stderr
+        report = json.loads(passed.stdout)
+        assert problems(report) == []
+        checked = [finding["detail"] for finding in report["findings"] if finding["check"] == "permissions"]
+        assert any("'amq.default'" in detail for detail in checked)
+        assert any("'orders'" in detail for detail in checked)
+
+        # Write on orders only, no UPDATE on the history, and a target that does not exist.
+        set_permissions(management, vhost, user, (configure, "^orders$", read))
+        run_sql(database_url, f'REVOKE UPDATE ON rabbit_archive.replays FROM "{role}"')
+        failed = replay_command(
+            env, "check", "--json", "--exchange", "orders", "--to-queue", "debug", "--to-exchange", "nowhere"
+        )
+        text = replay_command(env, "check", "--to-queue", "debug")
+    assert failed.returncode == 1
+    assert PASSWORD not in failed.stdout + failed.stderr + text.stdout + text.stderr
+    found = problems(json.loads(failed.stdout))
+    details = {finding["check"]: finding for finding in found}
+    assert len(found) == 3, found
+    assert "may not publish to exchange 'amq.default'" in details["permissions"]["detail"]
+    assert "set_permissions" in details["permissions"]["fix"]
+    assert "lacks UPDATE on rabbit_archive.replays" in details["database_rights"]["detail"]
+    assert details["database_rights"]["fix"] == f'GRANT UPDATE ON rabbit_archive.replays TO "{role}"'
+    assert "exchange 'nowhere' does not exist" in details["target"]["detail"]
+    assert text.returncode == 1
+    assert "FAIL  permissions" in text.stdout
+    assert text.stderr.startswith("rabbit-replay: error: 2 problem(s) found")

@@ -4,10 +4,9 @@ import aiormq
 import pytest
 from pamqp import commands
 
+from rabbit_archive.archive.checks import Report, outcome
 from rabbit_archive.capture.preflight import (
-    Report,
     database_rights_findings,
-    outcome,
     schema_finding,
     skew_finding,
     tag_findings,
@@ -17,6 +16,8 @@ from rabbit_archive.capture.preflight import (
 from rabbit_archive.capture.rendering import print_check
 from rabbit_archive.config.local_services import endpoints, is_local_host, plan
 from rabbit_archive.config.settings import Settings
+from rabbit_archive.replay.preflight import grant_for as replay_grant
+from rabbit_archive.replay.preflight import write_refused
 
 
 def _close(code: int) -> commands.Channel.Close:
@@ -162,3 +163,25 @@ def test_placement_per_server() -> None:
     socket = Settings(database_url="postgresql:///archive?host=/var/run/postgresql")
     assert plan(socket)["postgresql"] is True
     assert [endpoint.port for endpoint in endpoints("amqps://u:p@mq:5671/")] == [5671]
+
+
+def test_replay_write_probe_reads_whom_the_refusal_names() -> None:
+    source = "rabbit-archive-check-abc"
+    assert write_refused(
+        "ACCESS_REFUSED - access to exchange 'orders' in vhost 'v' refused for user 'u'", source
+    )
+    assert not write_refused(
+        f"ACCESS_REFUSED - access to exchange '{source}' in vhost 'v' refused for user 'u'", source
+    )
+
+
+@pytest.mark.parametrize(
+    ("missing", "grant"),
+    [
+        ("USAGE on schema rabbit_archive", 'GRANT USAGE ON SCHEMA rabbit_archive TO "r"'),
+        ("SELECT on rabbit_archive.messages", 'GRANT SELECT ON rabbit_archive.messages TO "r"'),
+        ("UPDATE on rabbit_archive.replays", 'GRANT UPDATE ON rabbit_archive.replays TO "r"'),
+    ],
+)
+def test_replay_grants(missing: str, grant: str) -> None:
+    assert replay_grant(missing, "r") == grant
