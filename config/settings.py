@@ -57,6 +57,20 @@ def _mask_one(url: str) -> str:
 _PASSWORD_PARAMETER = re.compile(r"((?:^|&)(?:password|sslpassword)=)[^&]*", re.IGNORECASE)
 
 
+AMQP_URL_EXAMPLE = "amqp://user:password@host:5672/vhost (or amqps://)"
+
+
+def check_amqp_url(value: str) -> str:
+    """The value when it is an amqp:// or amqps:// URL with a host; else ValueError with an example."""
+    return _check_url(value, ("amqp", "amqps"), AMQP_URL_EXAMPLE)
+
+
+def url_vhost(url: str) -> str:
+    """The vhost an AMQP URL names ('/' when its path is empty)."""
+    path = urlsplit(split_hosts(url)[0]).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
 def _check_url(value: str, schemes: tuple[str, ...], example: str, *, need_host: bool = True) -> str:
     # Several hosts (a cluster) are checked one by one.
     for one in split_hosts(value):
@@ -201,6 +215,12 @@ class Settings(BaseSettings):
     @classmethod
     def _amqp_url(cls, value: str) -> str:
         return _check_url(value, ("amqp", "amqps"), "amqp://user:password@host:5672/vhost (or amqps://)")
+
+    @field_validator("replay_target_url")
+    @classmethod
+    def _replay_target_url(cls, value: str | None) -> str | None:
+        # Empty means unset: replays publish through AMQP_URL.
+        return check_amqp_url(value) if value is not None and value.strip() else None
 
     @field_validator("management_url")
     @classmethod

@@ -453,6 +453,15 @@ def run(
     unset_header: Annotated[
         list[str] | None, typer.Option("--unset-header", metavar="KEY", help="Remove a header (repeatable).")
     ] = None,
+    target_url: Annotated[
+        str | None,
+        typer.Option(
+            "--target-url",
+            metavar="AMQP_URL",
+            help="Publish into this broker or vhost (or RABBIT_ARCHIVE_REPLAY_TARGET_URL, "
+            "which keeps the password out of the process list).",
+        ),
+    ] = None,
     canary: Annotated[
         int | None,
         typer.Option(
@@ -523,6 +532,7 @@ def run(
         edits=edits,
         canary=canary,
         canary_wait=60.0 if canary_wait is None else canary_wait,
+        target_url=target_url,
     )
     _run_replay(
         lambda announce: operations.run(
@@ -544,6 +554,14 @@ def resume(
         float | None, typer.Option("--rate", metavar="NUMBER", min=0.001, help="Messages per second.")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", metavar="", help="Do not ask for confirmation.")] = False,
+    target_url: Annotated[
+        str | None,
+        typer.Option(
+            "--target-url",
+            metavar="AMQP_URL",
+            help="The replay's --target-url again (the history keeps it without the password).",
+        ),
+    ] = None,
 ) -> None:
     """Continue an interrupted replay after its last confirmed message, with the same replay id."""
     if "\x00" in replay_id:
@@ -551,7 +569,13 @@ def resume(
     settings = settings_or_exit()
     _run_replay(
         lambda announce: operations.resume(
-            settings, replay_id, rate=rate, confirm=_confirm(yes), announce=announce, progress=_progress()
+            settings,
+            replay_id,
+            rate=rate,
+            confirm=_confirm(yes),
+            announce=announce,
+            progress=_progress(),
+            target_url=target_url,
         )
     )
 

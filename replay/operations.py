@@ -33,7 +33,7 @@ from rabbit_archive.archive.errors import (
     describe,
 )
 from rabbit_archive.archive.signals import on_signals, stop_on_signals
-from rabbit_archive.config.settings import Settings, mask_url
+from rabbit_archive.config.settings import Settings, check_amqp_url, mask_url, url_vhost
 from rabbit_archive.replay import coverage, history, selection
 from rabbit_archive.replay.edits import HeaderEdits
 from rabbit_archive.replay.filters import Filters
@@ -348,6 +348,8 @@ class RunRequest:
     dry_run: bool = False
     # Applied to each message's headers before the replay tags (`--set-header` and the like).
     edits: HeaderEdits = field(default_factory=HeaderEdits)
+    # Another broker or vhost to publish into (`--target-url`, else REPLAY_TARGET_URL).
+    target_url: str | None = None
     # Publish this many first, then check the target queue (`--canary`, `--canary-wait`).
     canary: int | None = None
     canary_wait: float = 60.0
@@ -404,6 +406,40 @@ def check_expected_count(expected: int | None, selected: int) -> None:
 def type_back(settings: Settings, count: int) -> int | None:
     """The count the operator must type back to confirm, or None when yes/no is enough."""
     return count if count > settings.replay_confirm_count_above else None
+
+
+def _target_url(settings: Settings, given: str | None) -> str | None:
+    """--target-url, else RABBIT_ARCHIVE_REPLAY_TARGET_URL, checked; None: publish through AMQP_URL."""
+    if given is None:
+        return settings.replay_target_url
+    try:
+        return check_amqp_url(given)
+    except ValueError as error:
+        raise UsageError(f"--target-url {error}") from None
+
+
+def _resume_url(
+    settings: Settings, replay_id: str, options: dict[str, Any], given: str | None
+) -> tuple[str, str]:
+    """The URL and vhost a resumed replay publishes to: where it started (the history keeps the
+    target URL without its password, so the URL itself must be given again)."""
+    stored = options.get("target_url")
+    if not stored:
+        if given is not None:
+            raise UsageError(
+                f"replay {replay_id} published through RABBIT_ARCHIVE_AMQP_URL: leave out --target-url"
+            )
+        vhost = options.get("vhost") or settings.amqp_vhost
+        return (settings.amqp_url if vhost == settings.amqp_vhost else settings.amqp_url_for(vhost)), vhost
+    url = _target_url(settings, given)
+    if url is None:
+        raise UsageError(
+            f"replay {replay_id} published to {stored}: give that URL again with --target-url or "
+            "RABBIT_ARCHIVE_REPLAY_TARGET_URL (the history does not keep passwords)"
+        )
+    if mask_url(url) != stored:
+        raise UsageError(f"replay {replay_id} published to {stored}, not to {mask_url(url)}")
+    return url, url_vhost(url)
 
 
 def _publish_url(settings: Settings, request: RunRequest, preview: Preview) -> tuple[str, str]:
@@ -565,6 +601,9 @@ async def run(
             request.filters = filters
         preview = await _preview(connection, request, checked)
         url, vhost = _publish_url(settings, request, preview)
+        target_url = _target_url(settings, request.target_url)
+        if target_url is not None:
+            url, vhost = target_url, url_vhost(target_url)
         preview.vhost = vhost
         show_preview(preview)
         check_expected_count(request.expect_count, preview.selected)
@@ -594,6 +633,7 @@ async def run(
                 "max_queue_depth": request.max_queue_depth,
                 "new_message_id": request.new_message_id,
                 "edits": request.edits.to_json() if request.edits else None,
+                "target_url": mask_url(target_url) if target_url is not None else None,
                 "canary": request.canary,
                 "canary_wait": request.canary_wait if request.canary else None,
                 "vhost": vhost,
@@ -644,6 +684,7 @@ async def resume(
     confirm: Confirm | None,
     announce: Announce,
     progress: Progress,
+    target_url: str | None = None,
 ) -> Outcome:
     """Continue an interrupted replay after its confirmed cursor, with the same replay id."""
     async with (
@@ -669,8 +710,7 @@ async def resume(
             checked, file = files.enter_context(_checked_file(file))
             checked.check_same(record.filters, replay_id)
         filters = None if file else Filters.from_json({**record.filters, "upto_id": record.upto_id})
-        vhost = options.get("vhost") or settings.amqp_vhost
-        url = settings.amqp_url if vhost == settings.amqp_vhost else settings.amqp_url_for(vhost)
+        url, vhost = _resume_url(settings, replay_id, options, target_url)
         publisher = Publisher(url, vhost, unacknowledged_reader(settings, vhost))
         await publisher.connect()
         try:

@@ -8,9 +8,11 @@ import pty
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pika
 import pytest
 
@@ -428,3 +430,67 @@ def test_canary_asks_on_a_terminal(
     assert "Go on with the other 25?" in output
     assert depth(pika_channel, "asked") == 5
     assert history(capture_env)[-1]["options"]["canary_result"] == "stopped: not confirmed by the operator"
+
+
+# ------------------------------------------------------------------ another broker or vhost
+
+
+@pytest.fixture
+def staging(services: Services, management: httpx.Client) -> Iterator[tuple[str, str]]:
+    """A second vhost with its own user (no rights anywhere else): its name and AMQP URL."""
+    name = f"staging-{uuid.uuid4().hex[:8]}"
+    user, password = f"replayer-{uuid.uuid4().hex[:6]}", f"s3cret-{uuid.uuid4().hex[:8]}"
+    management.put(f"/api/vhosts/{name}").raise_for_status()
+    management.put(f"/api/users/{user}", json={"password": password, "tags": ""}).raise_for_status()
+    management.put(
+        f"/api/permissions/{name}/{user}", json={"configure": ".*", "write": ".*", "read": ".*"}
+    ).raise_for_status()
+    try:
+        yield name, f"amqp://{user}:{password}@{services.amqp_host}:{services.amqp_port}/{name}"
+    finally:
+        management.delete(f"/api/vhosts/{name}")
+        management.delete(f"/api/users/{user}")
+
+
+def test_target_url_publishes_into_another_vhost_with_its_own_user(
+    loaded: Callable[[int], list[int]], capture_env: dict[str, str], staging: tuple[str, str]
+) -> None:
+    name, url = staging
+    password = url.split(":")[2].split("@")[0]
+    loaded(100)
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare("reproduce", durable=True)
+        env = {**capture_env, "RABBIT_ARCHIVE_REPLAY_TARGET_URL": url}
+        args = ("--exchange", "load", "--to-queue", "reproduce")
+        stopped = replay_command(env, "run", *args, "--canary", "10", "--canary-wait", "0", "--yes")
+        assert_one_line_error(stopped, 1, "canary")
+        replay_id = stopped.stdout.splitlines()[0]
+        assert f"in vhost '{name}'" in stopped.stderr
+        assert depth(channel, "reproduce") == 10
+        record = history(capture_env)[-1]
+        assert record["options"]["target_url"] == url.replace(password, "***")
+        assert record["options"]["vhost"] == name
+        # The history has no password: a resume must be given the URL again.
+        missing = replay_command(capture_env, "resume", replay_id, "--yes")
+        assert_one_line_error(missing, 2, "give that URL again with --target-url")
+        other = url.replace(name, "elsewhere")
+        wrong = replay_command(capture_env, "resume", replay_id, "--target-url", other, "--yes")
+        assert_one_line_error(wrong, 2, "published to")
+        resumed = replay_command(capture_env, "resume", replay_id, "--target-url", url, "--yes")
+        ok(resumed)
+        assert depth(channel, "reproduce") == 100
+        for result in (stopped, missing, wrong, resumed):
+            assert password not in result.stdout + result.stderr
+        assert password not in ok(replay_command(capture_env, "history", "--json"))
+    # The archive and its history stayed where they were; a bad URL or password is one line.
+    bad = replay_command(capture_env, "run", *args, "--target-url", "http://nowhere", "--yes")
+    assert_one_line_error(bad, 2, "--target-url must look like amqp://")
+    refused = replay_command(
+        capture_env, "run", *args, "--target-url", url.replace(password, "wrong-password"), "--yes"
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "rejected the credentials" in refused.stderr
+    assert "wrong-password" not in refused.stderr
+    unset = replay_command({**capture_env, "RABBIT_ARCHIVE_REPLAY_TARGET_URL": "ftp://x"}, "history")
+    assert unset.returncode == 2
