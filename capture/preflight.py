@@ -5,8 +5,8 @@ change anything:
 
 - configure on the archive queue: queue.declare with the configured arguments when the queue
   exists (the same arguments change nothing; other ones are the conflict the daemon would
-  stop on); when it does not, the same declare with an `x-dead-letter-exchange` of the wrong
-  type, which the broker rejects after the permission check and before creating anything;
+  stop on); when it does not, the same declare with a negative `x-max-length`, which the
+  broker rejects after the permission checks and before creating anything;
 - write on the archive queue and read on an exchange: queue.unbind of a binding with an
   argument nobody binds with (`x-rabbit-archive-check`), so no binding matches;
 - read on the archive queue: basic.consume with an `x-priority` that is not a number, refused
@@ -30,6 +30,7 @@ import asyncpg
 
 from rabbit_archive.archive import frames, queries
 from rabbit_archive.archive.checks import (
+    Outcome,
     Probes,
     Report,
     Status,
@@ -40,7 +41,7 @@ from rabbit_archive.archive.db import CONNECTION_ERRORS, DATABASE_ERRORS
 from rabbit_archive.archive.errors import ArchiveError, describe
 from rabbit_archive.archive.migrate import latest_version, schema_version
 from rabbit_archive.capture.binding_plan import BindingPlan
-from rabbit_archive.capture.consumer import queue_arguments
+from rabbit_archive.capture.consumer import dropped_queue, queue_arguments
 from rabbit_archive.capture.discovery import BindingKeeper
 from rabbit_archive.capture.events import EVENT_EXCHANGE
 from rabbit_archive.capture.management import ManagementApi, management_client
@@ -55,6 +56,8 @@ MAX_BROKER_SKEW = 2.0  # the HTTP Date header has whole seconds
 MAX_DATABASE_SKEW = 1.0
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
 # Tags whose holders may use the management API as the daemon does.
+# What capture/consumer.py declares the QUEUE_MAX_BYTES drop counter with.
+DROPPED_QUEUE_ARGUMENTS: dict[str, Any] = {"x-max-length": 10_000, "x-overflow": "drop-head"}
 MANAGEMENT_TAGS = frozenset({"management", "policymaker", "monitoring", "administrator"})
 
 
@@ -176,6 +179,24 @@ def database_rights_findings(report: Report, rights: dict[str, Any]) -> None:
         report.add("database_rights", "ok", f"role {role!r} may create and own the archive schema")
 
 
+async def _declare(probes: Probes, queue: str, arguments: dict[str, Any]) -> tuple[bool, Outcome, str]:
+    """Whether the queue exists, and how the broker answers declaring it with these arguments.
+
+    An existing queue is declared as configured (which changes nothing, or is rejected for
+    other arguments); a missing one with a negative `x-max-length`, which the broker rejects
+    after every permission check (configure; with a dead-letter exchange, read on the queue and
+    write on that exchange) and before creating anything.
+    """
+    exists, _ = await probes.ask(frames.queue_declare(queue, passive=True))
+    if exists == "accepted":
+        answer, text = await probes.ask(frames.queue_declare(queue, durable=True, arguments=arguments))
+        return True, answer, text
+    answer, text = await probes.ask(
+        frames.queue_declare(queue, durable=True, arguments={**arguments, "x-max-length": -1})
+    )
+    return False, ("accepted" if answer == "rejected" else answer), text
+
+
 def _refused_fix(user: str, vhost: str, right: str, name: str) -> str:
     return (
         f"give user {user!r} {right} on {name!r} in vhost {vhost!r}, e.g. rabbitmqctl set_permissions -p "
@@ -190,6 +211,8 @@ class Preflight:
         self.settings = settings
         self.report = Report()
         self.user = unquote(urlsplit(settings.amqp_url).username or "guest")
+        # vhost -> the archive queue as the management API lists it (None: it does not exist).
+        self.queues: dict[str, dict[str, Any] | None] = {}
 
     async def run(self) -> Report:
         """Every check; unreachable servers are findings too, never exceptions."""
@@ -221,7 +244,7 @@ class Preflight:
                 report.add(
                     "management_api",
                     "fail",
-                    str(error),
+                    _management_detail(str(error), where),
                     _management_fix(str(error), settings.management_auth[0]),
                 )
                 return plans
@@ -258,6 +281,7 @@ class Preflight:
             for vhost in plans:
                 try:
                     plans[vhost], _ = await keeper.plan(vhost)
+                    self.queues[vhost] = await api.queue(vhost, settings.queue)
                 except ArchiveError as error:
                     report.add("management_vhost", "fail", str(error), vhost=vhost)
             return plans
@@ -290,6 +314,10 @@ class Preflight:
             )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
             detail, fix = connection_failure(error, mask_url(url), self.user, vhost)
+            if check != "broker" and any(
+                finding.check == "broker" and finding.detail == detail for finding in self.report.findings
+            ):
+                return None  # already reported, with its fix
             self.report.add(check, status, detail + effect, fix, vhost)
             return None
         if check == "broker":
@@ -301,19 +329,53 @@ class Preflight:
     async def _archive_queue(self, probes: Probes, vhost: str) -> None:
         settings, report, user = self.settings, self.report, self.user
         queue = settings.queue
-        exists, _ = await probes.ask(frames.queue_declare(queue, passive=True))
         arguments = queue_arguments(settings)
-        if exists == "accepted":
-            answer, text = await probes.ask(frames.queue_declare(queue, durable=True, arguments=arguments))
-        else:
-            # Rejected for its type after the permission check, before anything is created.
-            answer, text = await probes.ask(
-                frames.queue_declare(
-                    queue, durable=True, arguments={**arguments, "x-dead-letter-exchange": 0}
+        exists, answer, text = await _declare(probes, queue, arguments)
+        if answer == "refused" and exists:
+            # Without configure the declare says nothing about the arguments: compare the listing's.
+            listed = self.queues.get(vhost)
+            if listed is not None and (
+                listed.get("arguments") != arguments or listed.get("durable") is not True
+            ):
+                report.add(
+                    "archive_queue",
+                    "fail",
+                    f"queue {queue!r} exists with arguments {listed.get('arguments')} (durable: "
+                    f"{listed.get('durable')}), not the configured {arguments} (durable)",
+                    f"drain it and delete it (rabbitmqctl delete_queue -p {vhost} {queue}), or set "
+                    "RABBIT_ARCHIVE_QUEUE to a new name",
+                    vhost,
                 )
+        if settings.queue_max_bytes is not None:
+            dropped = dropped_queue(settings)
+            _, dropped_answer, dropped_text = await _declare(probes, dropped, DROPPED_QUEUE_ARGUMENTS)
+            if dropped_answer == "refused":
+                report.add(
+                    "permissions",
+                    "fail",
+                    f"no configure permission on queue {dropped!r} (QUEUE_MAX_BYTES counts drops there): "
+                    f"{dropped_text}",
+                    _refused_fix(user, vhost, "configure", dropped),
+                    vhost,
+                )
+            elif dropped_answer == "rejected":
+                report.add(
+                    "archive_queue",
+                    "fail",
+                    f"queue {dropped!r} exists with other arguments ({dropped_text})",
+                    f"delete it (rabbitmqctl delete_queue -p {vhost} {dropped})",
+                    vhost,
+                )
+        if answer == "refused" and "access to exchange" in text:
+            report.add(
+                "permissions",
+                "fail",
+                f"no write permission on the default exchange, through which QUEUE_MAX_BYTES dead-letters "
+                f"what the archive queue drops: {text}",
+                _refused_fix(user, vhost, "write", "amq.default"),
+                vhost,
             )
-            answer = "accepted" if answer == "rejected" else answer
-        if answer == "refused":
+        elif answer == "refused":
             report.add(
                 "permissions",
                 "fail",
@@ -331,11 +393,7 @@ class Preflight:
                 vhost,
             )
         elif answer == "accepted":
-            state = (
-                "exists with the configured arguments"
-                if exists == "accepted"
-                else "will be declared at start"
-            )
+            state = "exists with the configured arguments" if exists else "will be declared at start"
             report.add("archive_queue", "ok", f"queue {queue!r} {state}; configure permitted", vhost=vhost)
         else:
             report.add("archive_queue", "fail", f"declaring queue {queue!r} failed: {text}", vhost=vhost)
@@ -558,6 +616,14 @@ class Preflight:
                 f'as an administrator: CREATE DATABASE "{name}"; '
                 f'GRANT CREATE ON DATABASE "{name}" TO the capture role',
             )
+
+
+def _management_detail(message: str, where: str) -> str:
+    if "CERTIFICATE_VERIFY_FAILED" in message:
+        start = message.find("certificate verify failed")
+        reason = message[start:].split(" (", 1)[0] if start >= 0 else "CERTIFICATE_VERIFY_FAILED"
+        return f"the management API's TLS certificate at {where} is not trusted: {reason}"
+    return message
 
 
 def _management_fix(message: str, user: str) -> str:

@@ -266,3 +266,34 @@ def test_replay_check_passes_with_the_documented_rights_and_names_each_missing_o
     assert text.returncode == 1
     assert "FAIL  permissions" in text.stdout
     assert text.stderr.startswith("rabbit-replay: error: 2 problem(s) found")
+
+
+def test_a_conflicting_queue_is_seen_without_configure_and_the_drop_counter_needs_its_own(
+    management: httpx.Client,
+    vhost: str,
+    capture_env: dict[str, str],
+    exchanges: list[str],
+    pika_channel: Any,
+) -> None:
+    pika_channel.queue_declare("rabbit-archive", durable=True)  # classic, no single active consumer
+    (_, write, read), tags = capture_permissions()
+    with rabbit_user(management, vhost, "check", ("^$", write, read), tags) as user:
+        _, report = check(env_for(capture_env, user))
+    found = problems(report)
+    assert [finding["check"] for finding in found] == ["archive_queue", "permissions"], found
+    assert "not the configured" in found[0]["detail"]
+    assert "no configure permission on queue 'rabbit-archive'" in found[1]["detail"]
+
+    # QUEUE_MAX_BYTES: dropped messages are dead-lettered through the default exchange to
+    # rabbit-archive.dropped, which the daemon declares: README's rights for the archive queue
+    # alone are not enough.
+    pika_channel.queue_delete("rabbit-archive")
+    permissions, tags = capture_permissions()
+    with rabbit_user(management, vhost, "check", permissions, tags) as user:
+        _, report = check(env_for(capture_env, user, queue_max_bytes="1000000"))
+    found = problems(report)
+    assert [finding["check"] for finding in found] == ["permissions", "permissions"], found
+    assert "no configure permission on queue 'rabbit-archive.dropped'" in found[0]["detail"]
+    assert "no write permission on the default exchange" in found[1]["detail"]
+    assert "amq.default" in found[1]["fix"]
+    assert queues(management, vhost) == []

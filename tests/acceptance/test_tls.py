@@ -1,11 +1,13 @@
 """TLS passes through: amqps:// with a CA file, and an https management API with MANAGEMENT_CA_FILE."""
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.acceptance.test_cli import capture_command
 from tests.acceptance.test_replay import json_lines, ok, replay_command
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, wait_for
@@ -79,3 +81,30 @@ def test_a_certificate_from_an_unknown_ca_is_refused_and_reported(
     assert daemon.process is not None
     assert daemon.process.poll() is None
     assert "Traceback" not in daemon.log()
+
+
+def test_check_says_which_certificate_is_not_trusted_and_passes_with_the_ca(
+    capture_env: dict[str, str], tls_endpoints: tuple[int, int], certificates: Certificates, vhost: str
+) -> None:
+    amqps_port, https_port = tls_endpoints
+    untrusted = {
+        **capture_env,
+        "RABBIT_ARCHIVE_AMQP_URL": f"amqps://guest:guest@127.0.0.1:{amqps_port}/{vhost}",
+        "RABBIT_ARCHIVE_MANAGEMENT_URL": f"https://127.0.0.1:{https_port}",
+    }
+    result = capture_command(untrusted, "check", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = {
+        item["check"]: item for item in json.loads(result.stdout)["findings"] if item["status"] == "fail"
+    }
+    assert "certificate verify failed" in failed["management_api"]["detail"]
+    assert "RABBIT_ARCHIVE_MANAGEMENT_CA_FILE" in failed["management_api"]["fix"]
+    assert "not trusted" in failed["broker"]["detail"]
+    assert "cafile=" in failed["broker"]["fix"]
+    trusted = {
+        **untrusted,
+        "RABBIT_ARCHIVE_AMQP_URL": f"{untrusted['RABBIT_ARCHIVE_AMQP_URL']}?cafile={certificates.ca}",
+        "RABBIT_ARCHIVE_MANAGEMENT_CA_FILE": str(certificates.ca),
+    }
+    result = capture_command(trusted, "check", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
