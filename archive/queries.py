@@ -98,10 +98,13 @@ ORDER BY position
 
 # A capture transaction's first statement: the fence, then the capture time of its rows,
 # read after the fence so that it is later than any watermark fixed before it (the
-# MATERIALIZED CTE runs first, so the time is taken once the lock is held).
+# MATERIALIZED CTE runs first, so the time is taken once the lock is held). It also announces
+# the batch ($1 the vhost) on CAPTURED_CHANNEL: PostgreSQL delivers the notification only if and
+# when the transaction commits, so a follower (`run --follow`) wakes on committed rows only.
+CAPTURED_CHANNEL = "rabbit_archive_captured"
 FENCE_CAPTURE = """
 WITH fence AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(8241976967880245251))
-SELECT clock_timestamp() FROM fence
+SELECT clock_timestamp(), pg_notify('rabbit_archive_captured', $1::text) FROM fence
 """
 
 # Inside a short transaction of the reader: wait at most this long for capture
@@ -237,8 +240,8 @@ SELECT r.id,
              AND l.objid::text::bigint = (hashtext(r.id)::bigint & 4294967295)
        ) THEN 'interrupted' ELSE r.status END AS status,
        r.filters, r.target, r.options, r.operator, r.reason, r.upto_id, r.selected, r.published,
-       r.confirmed, r.returned, r.nacked, r.skipped, r.confirmed_cursor, r.error, r.started_at, r.updated_at,
-       r.finished_at
+       r.confirmed, r.returned, r.nacked, r.skipped, r.follow_gaps, r.confirmed_cursor, r.error,
+       r.started_at, r.updated_at, r.finished_at
 FROM rabbit_archive.replays AS r
 """
 
@@ -278,6 +281,17 @@ UPDATE rabbit_archive.replays
 SET failed_ids = $2::bigint[], settled_cursor = $3, updated_at = now()
 WHERE id = $1
 """
+
+# Followers (`run --follow`): the replay row of a name, and where retention cut a follower's way.
+FOLLOWER_BY_NAME = "SELECT id FROM rabbit_archive.replays WHERE options ->> 'name' = $1"
+
+RECORD_FOLLOW_GAP = """
+UPDATE rabbit_archive.replays
+SET follow_gaps = follow_gaps || $2::text::jsonb, updated_at = now()
+WHERE id = $1
+"""
+
+OLDEST_ID = "SELECT min(id) FROM rabbit_archive.messages"
 
 # Options written as a JSON string (history.create's json.dumps through the jsonb codec) are
 # read back as the object they hold before the keys are added.

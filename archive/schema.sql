@@ -140,9 +140,14 @@ CREATE TABLE rabbit_archive.replays (
     failed_ids bigint[] NOT NULL DEFAULT '{}',
     settled_cursor bigint,
     -- Messages that could not be republished at all (see the log).
-    skipped bigint NOT NULL DEFAULT 0
+    skipped bigint NOT NULL DEFAULT 0,
+    -- Archive ids retention dropped before a follower reached them: [{"from", "until", "at"}].
+    follow_gaps jsonb NOT NULL DEFAULT '[]'
 );
 CREATE INDEX replays_started_at_idx ON rabbit_archive.replays (started_at);
+-- A follower's name (`run --follow --name`) is one durable position.
+CREATE UNIQUE INDEX replays_follower_name_idx ON rabbit_archive.replays ((options ->> 'name'))
+    WHERE options ->> 'name' IS NOT NULL;
 
 -- What the capture daemon did with each exchange in its last discovery round, one row per
 -- exchange, so that `rabbit-capture status` (another process) can show refusals and failures.

@@ -146,7 +146,7 @@ class PostgresStore:
             async with self._pool.acquire() as connection, connection.transaction():
                 # Before any id is taken (see queries.FENCE_CAPTURE): readers that fix a
                 # selection wait for this commit, and the rows' capture time is after theirs.
-                captured_at = await connection.fetchval(queries.FENCE_CAPTURE)
+                captured_at = await connection.fetchval(queries.FENCE_CAPTURE, storable_text(vhost))
                 owner = _Owner(batch_id, session_id, storable_text(vhost), captured_at)
                 # Fingerprints of acknowledged batches go first, so they can never be
                 # claimed by a later, identical message.

@@ -486,9 +486,28 @@ def run(
             help="Refuse (exit 2, publish nothing) unless exactly N messages are selected.",
         ),
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            metavar="",
+            help="Then keep replaying matching messages archived later, until stopped (resume continues).",
+        ),
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", metavar="TEXT", help="A unique name for the --follow replay.")
+    ] = None,
 ) -> None:
     """Republish archived messages, tagged as a replay, with confirms and a resumable cursor."""
     filters = _filters(locals())
+    if name is not None and not follow:
+        fail("--name names a follower: add --follow", 2)
+    if name is not None and (not name.strip() or not name.isprintable()):
+        fail("--name: give printable text", 2)
+    if follow and from_file is not None:
+        fail("--follow follows the archive: leave out --from-file", 2)
+    if follow and include_replays:
+        fail("--follow never replays replays (it would loop): leave out --include-replays", 2)
     if sum(given is not None for given in (to_exchange, to_queue, to_origin)) > 1:
         fail("give one of --to-exchange, --to-queue and --to-origin", 2)
     if to_origin is not None and to_origin not in ORIGINS:
@@ -533,6 +552,8 @@ def run(
         canary=canary,
         canary_wait=60.0 if canary_wait is None else canary_wait,
         target_url=target_url,
+        follow=follow,
+        name=name,
     )
     _run_replay(
         lambda announce: operations.run(
@@ -585,11 +606,30 @@ def history(as_json: JsonOpt = False) -> None:
     """List past replays with their filters, counts and status."""
     settings = settings_or_exit()
     records = run_async(lambda: operations.replays(settings))
+    lags = (
+        {lag.replay_id: lag for lag in run_async(lambda: operations.followers(settings))}
+        if any(record.follower for record in records)
+        else {}
+    )
     if as_json:
         for record in records:
-            print(json_line(record.to_json()))
+            lag = lags.get(record.id)
+            lagging = {"lag_rows": lag.lag_rows, "lag_seconds": lag.lag_seconds} if lag else {}
+            print(json_line({**record.to_json(), **lagging}))
         return
-    rendering.print_history(records)
+    rendering.print_history(records, lags)
+
+
+@app.command()
+def followers(as_json: JsonOpt = False) -> None:
+    """List the followers (run --follow) with how far each is behind the archive."""
+    settings = settings_or_exit()
+    lags = run_async(lambda: operations.followers(settings))
+    if as_json:
+        for lag in lags:
+            print(json_line(lag.to_json()))
+        return
+    rendering.print_followers(lags)
 
 
 @app.command()

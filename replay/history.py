@@ -2,7 +2,7 @@
 
 import json
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -93,6 +93,14 @@ class ReplayRecord:
     failed_ids: tuple[int, ...] = ()
     settled_cursor: int | None = None
     skipped: int = 0
+    follow_gaps: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def follower(self) -> str | None:
+        """The follower's name (`run --follow --name`), None for a replay that does not follow."""
+        if not self.options.get("follow"):
+            return None
+        return str(self.options.get("name") or self.id)
 
     def to_json(self) -> dict[str, Any]:
         """The `history --json` object."""
@@ -105,6 +113,8 @@ class ReplayRecord:
             "returned": self.returned,
             "nacked": self.nacked,
             "skipped": self.skipped,
+            "follower": self.follower,
+            "follow_gaps": list(self.follow_gaps),
             "operator": self.operator,
             "reason": self.reason,
             "target": Target.from_json(self.target).describe(),
@@ -123,9 +133,11 @@ _FIELDS = tuple(field.name for field in fields(ReplayRecord))
 
 def _record(row: asyncpg.Record) -> ReplayRecord:
     values = dict(row.items())
-    for key in ("filters", "target", "options"):
-        if isinstance(values[key], str):
+    for key in ("filters", "target", "options", "follow_gaps"):
+        if isinstance(values.get(key), str):
             values[key] = json.loads(values[key])
+    if "follow_gaps" in values:
+        values["follow_gaps"] = tuple(values["follow_gaps"])
     return ReplayRecord(**{name: values[name] for name in _FIELDS if name in values})
 
 
@@ -169,18 +181,22 @@ async def create(
     upto_id: int | None,
     selected: int,
 ) -> None:
-    """Record a new replay as running."""
-    await connection.execute(
-        queries.INSERT_REPLAY,
-        replay_id,
-        json.dumps(filters),
-        json.dumps(target.to_json()),
-        json.dumps(options),
-        operator,
-        reason,
-        upto_id,
-        selected,
-    )
+    """Record a new replay as running; UsageError when a follower of the same name exists."""
+    try:
+        await connection.execute(
+            queries.INSERT_REPLAY,
+            replay_id,
+            json.dumps(filters),
+            json.dumps(target.to_json()),
+            json.dumps(options),
+            operator,
+            reason,
+            upto_id,
+            selected,
+        )
+    except asyncpg.UniqueViolationError:
+        # Two starts with one --name at once: the unique index decides (migration 0008).
+        raise UsageError(f"a follower named {options.get('name')!r} exists; choose another --name") from None
 
 
 async def lock(connection: Connection, replay_id: str) -> bool:
@@ -225,6 +241,18 @@ async def save_failures(
 ) -> None:
     """Store the positions nacked or returned and where a resume continues after them."""
     await connection.execute(queries.SAVE_REPLAY_FAILURES, replay_id, failed, settled_cursor)
+
+
+async def follower_named(connection: Connection, name: str) -> str | None:
+    """The replay id of the follower with that name, if there is one."""
+    found: str | None = await connection.fetchval(queries.FOLLOWER_BY_NAME, name)
+    return found
+
+
+async def record_follow_gap(connection: Connection, replay_id: str, first: int, last: int) -> None:
+    """Keep, with the follower, archive ids that retention dropped before it reached them."""
+    gap = {"from": first, "until": last, "at": datetime.now(UTC).isoformat()}
+    await connection.execute(queries.RECORD_FOLLOW_GAP, replay_id, json.dumps([gap]))
 
 
 async def merge_options(connection: Connection, replay_id: str, options: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -333,6 +333,44 @@ async def replays(settings: Settings) -> list[ReplayRecord]:
         return await history.all_replays(connection)
 
 
+@dataclass(frozen=True)
+class FollowerLag:
+    """How far a follower (`run --follow`) is behind the archive."""
+
+    name: str
+    replay_id: str
+    status: str
+    lag_rows: int
+    lag_seconds: float
+    gaps: tuple[dict[str, Any], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `followers --json` object."""
+        return {**asdict(self), "gaps": list(self.gaps)}
+
+
+async def followers(settings: Settings) -> list[FollowerLag]:
+    """Every follower with its lag: matching messages after its confirmed cursor, and the age of
+    the oldest of them (0 when it is caught up)."""
+    async with archive_connection(settings, READ_HISTORY) as connection:
+        lags = []
+        for record in await history.all_replays(connection):
+            if record.follower is None:
+                continue
+            filters = Filters.from_json(record.filters)
+            behind = replace(filters, from_id=max(filters.from_id or 0, record.confirmed_cursor + 1))
+            rows = await selection.count(connection, behind)
+            oldest = [message async for message in selection.messages(connection, behind, limit=1)]
+            now = await connection.fetchval(queries.NOW)
+            seconds = (now - oldest[0].captured_at).total_seconds() if oldest else 0.0
+            lags.append(
+                FollowerLag(
+                    record.follower, record.id, record.status, rows, round(seconds, 3), record.follow_gaps
+                )
+            )
+        return lags
+
+
 @dataclass
 class RunRequest:
     """What the operator asked `run` to do."""
@@ -353,6 +391,9 @@ class RunRequest:
     # Publish this many first, then check the target queue (`--canary`, `--canary-wait`).
     canary: int | None = None
     canary_wait: float = 60.0
+    # Go on with messages archived later until stopped (`--follow`), under this unique name.
+    follow: bool = False
+    name: str | None = None
     # Refuse (exit 2, nothing published) unless exactly this many are selected.
     expect_count: int | None = None
 
@@ -607,9 +648,16 @@ async def run(
         preview.vhost = vhost
         show_preview(preview)
         check_expected_count(request.expect_count, preview.selected)
-        if preview.selected and not request.dry_run:
+        # A follower with nothing to replay yet still starts: it waits for what comes.
+        starts = bool(preview.selected) or request.follow
+        if starts and not request.dry_run:
             await check_privileges(connection, WRITE_HISTORY)
-        if preview.selected == 0 or request.dry_run:
+            if request.name is not None and (other := await history.follower_named(connection, request.name)):
+                raise UsageError(
+                    f"a follower named {request.name!r} exists (replay {other}): "
+                    f"continue it with 'rabbit-replay resume {other}', or choose another --name"
+                )
+        if not starts or request.dry_run:
             if not request.dry_run:
                 publisher = Publisher(url, vhost, unacknowledged_reader(settings, vhost))
                 await publisher.connect()
@@ -638,6 +686,7 @@ async def run(
                 "canary_wait": request.canary_wait if request.canary else None,
                 "vhost": vhost,
                 "file": str(request.file.resolve()) if request.file else None,
+                **({"follow": True, "name": request.name} if request.follow else {}),
             }
             await history.lock(connection, replay_id)
             await history.create(
@@ -665,6 +714,7 @@ async def run(
                 max_queue_depth=request.max_queue_depth,
                 new_message_id=request.new_message_id,
                 edits=request.edits,
+                follow=request.follow,
             )
             if request.canary:
                 job.canary = request.canary
@@ -742,6 +792,7 @@ async def resume(
                 max_queue_depth=options.get("max_queue_depth"),
                 new_message_id=bool(options.get("new_message_id")),
                 edits=HeaderEdits.from_json(options.get("edits")),
+                follow=bool(options.get("follow")),
                 cursor=record.confirmed_cursor if record.settled_cursor is None else record.settled_cursor,
                 confirmed_cursor=record.confirmed_cursor,
                 failed=_failed_kinds(record),

@@ -250,8 +250,8 @@ def print_preview(preview: Preview, target: Target, dry_run: bool) -> None:
     print("dry run: nothing was published")
 
 
-def print_history(records: list[ReplayRecord]) -> None:
-    """The `history` table."""
+def print_history(records: list[ReplayRecord], lags: "dict[str, operations.FollowerLag]") -> None:
+    """The `history` table (a follower's target says how far behind it is)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -281,13 +281,46 @@ def print_history(records: list[ReplayRecord]) -> None:
                     record.status,
                     f"{record.started_at:%Y-%m-%d %H:%M:%S}",
                     record.operator,
-                    Target.from_json(record.target).describe(),
+                    Target.from_json(record.target).describe() + _lag_note(lags.get(record.id)),
                     record.selected,
                     record.confirmed,
                     record.returned,
                     record.nacked,
                     record.skipped,
                     detail,
+                )
+            )
+        )
+    console().print(table)
+
+
+def _lag_note(lag: "operations.FollowerLag | None") -> str:
+    if lag is None:
+        return ""
+    gaps = f", {len(lag.gaps)} retention gap(s)" if lag.gaps else ""
+    return f" (follower {lag.name}: {lag.lag_rows} behind, {lag.lag_seconds:.1f} s{gaps})"
+
+
+def print_followers(lags: "list[operations.FollowerLag]") -> None:
+    """The `followers` table."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    for column in ("name", "replay id", "status", "lag rows", "lag seconds", "retention gaps"):
+        table.add_column(column, overflow="fold")
+    for lag in lags:
+        gaps = ", ".join(f"{gap['from']}..{gap['until']}" for gap in lag.gaps)
+        table.add_row(
+            *(
+                Text(printable(str(cell)))
+                for cell in (
+                    lag.name,
+                    lag.replay_id,
+                    lag.status,
+                    lag.lag_rows,
+                    f"{lag.lag_seconds:.1f}",
+                    gaps,
                 )
             )
         )

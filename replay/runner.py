@@ -33,6 +33,7 @@ from rabbit_archive.replay import history, selection
 from rabbit_archive.replay.deaths import origin
 from rabbit_archive.replay.edits import HeaderEdits
 from rabbit_archive.replay.filters import Filters
+from rabbit_archive.replay.following import Following
 from rabbit_archive.replay.history import Target
 from rabbit_archive.replay.publisher import CONNECTION_LOST_ERRORS, Nacked, Publisher, Returned
 from rabbit_archive.replay.records import from_export_line
@@ -102,6 +103,8 @@ class Job:
     # Positions nacked or returned (-> "nacked" / "returned"), sent again first on resume;
     # execute() keeps it up to date, so that it holds what is still not routed at the end.
     failed: dict[int, str] = field(default_factory=dict)
+    # Go on with messages archived later (`run --follow`) until stopped.
+    follow: bool = False
 
 
 class Pacer:
@@ -361,6 +364,15 @@ async def _items(connection: Connection, job: Job) -> AsyncIterator[tuple[int, A
         yield position, message, False
 
 
+async def _later(
+    messages: AsyncIterator[tuple[int, ArchivedMessage]], job: Job
+) -> AsyncIterator[tuple[int, ArchivedMessage, bool]]:
+    """A follower's next round, counted into its selection as it comes."""
+    async for position, message in messages:
+        job.selected += 1
+        yield position, message, False
+
+
 async def file_items(path: Path, after_line: int = 0) -> AsyncIterator[tuple[int, ArchivedMessage]]:
     """The messages of an export file with their line numbers, after after_line."""
     with path.open(encoding="utf-8") as lines:
@@ -437,6 +449,10 @@ async def execute(
     window = ConfirmWindow(job.cursor, counts, confirmed_cursor=job.confirmed_cursor, failed=job.failed)
     pacer = Pacer(job.rate)
     items = _items(connection, job)
+    following: Following | None = None
+    if job.follow and job.filters is not None:
+        following = Following(connection, job.replay_id, job.filters, job.cursor)
+        await following.start()
     last_save = time.monotonic()
     depth_budget = 0  # publishes --max-queue-depth still allows before the depth is read again
     progress.start(job.selected, counts.confirmed + counts.nacked + counts.skipped)
@@ -473,7 +489,13 @@ async def execute(
                     if current is None:
                         # Everything was published: the last confirms may still be lost with a node.
                         await window.drain(STOP_GRACE, stop)
-                        break
+                        if following is None or stop.is_set():
+                            break
+                        # A follower caught up: keep what is confirmed, then wait for more.
+                        await save()
+                        last_save = time.monotonic()
+                        items = _later(await following.next_round(stop), job)
+                        continue
                 if stop.is_set():
                     break
                 position, message, retry = current
@@ -566,6 +588,9 @@ async def execute(
         failure = error
     finally:
         progress.stop()
+        if following is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await following.close()
     lost = isinstance(failure, (*CONNECTION_LOST_ERRORS, BrokerUnavailable))
     # A connection that is gone answers nothing more: what it confirmed is settled at once.
     await window.drain(0 if lost and publisher.closed else STOP_GRACE, strict=False)
