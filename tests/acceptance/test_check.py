@@ -297,3 +297,29 @@ def test_a_conflicting_queue_is_seen_without_configure_and_the_drop_counter_need
     assert "no write permission on the default exchange" in found[1]["detail"]
     assert "amq.default" in found[1]["fix"]
     assert queues(management, vhost) == []
+
+
+def test_a_missing_database_is_fine_only_when_the_role_may_create_it(
+    services: Services, capture_env: dict[str, str], database_url: str
+) -> None:
+    role = f"check_{uuid.uuid4().hex[:8]}"
+    database = database_name(database_url)
+    with dropped_roles(services, database, role):
+        run_sql(services.postgres_url, f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{PASSWORD}'")
+        env = {
+            **capture_env,
+            "RABBIT_ARCHIVE_DATABASE_URL": with_user(capture_env["RABBIT_ARCHIVE_DATABASE_URL"], role),
+        }
+        result, report = check(env)
+        run_sql(services.postgres_url, f'ALTER ROLE "{role}" CREATEDB')
+        allowed, allowed_report = check(env)
+    assert result.returncode == 1
+    found_problems = problems(report)
+    assert len(found_problems) == 1, found_problems
+    problem = found_problems[0]
+    assert problem["check"] == "database"
+    assert f"database {database!r} does not exist" in problem["detail"]
+    assert problem["fix"].startswith(f'as an administrator: CREATE DATABASE "{database}"')
+    assert allowed.returncode == 0, allowed.stdout
+    found = {finding["check"]: finding for finding in allowed_report["findings"]}
+    assert "the first start creates it" in found["database"]["detail"]
