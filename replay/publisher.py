@@ -93,7 +93,7 @@ class Publisher:
         except aiormq.exceptions.ProbableAuthenticationError:
             raise AccessRefused(
                 f"RabbitMQ at {mask_url(self._url)} rejected the credentials of user {self._user!r}: "
-                "check RABBIT_ARCHIVE_AMQP_URL"
+                "check RABBIT_ARCHIVE_AMQP_URL, or --target-url / RABBIT_ARCHIVE_REPLAY_TARGET_URL"
             ) from None
         except aiormq.exceptions.InvalidFrameError as error:
             # aiormq reports the broker's Connection.Close answering Connection.Open (vhost

@@ -1,5 +1,5 @@
 """The pure parts of incident replays: x-death parsing, --to-origin routes, the death filters, the
-optional --to-origin value, header edits on typed tables."""
+optional --to-origin value, header edits on typed tables, the guards and the target URL on resume."""
 
 import dataclasses
 import json
@@ -20,10 +20,13 @@ from rabbit_archive.archive.amqp_codec import (
     typed_entries,
 )
 from rabbit_archive.archive.errors import UsageError
+from rabbit_archive.config.settings import Settings, mask_url, url_vhost
+from rabbit_archive.replay import operations
 from rabbit_archive.replay.cli import optional_value
 from rabbit_archive.replay.deaths import Death, deaths, deaths_of, origin
 from rabbit_archive.replay.edits import _INTS, HeaderEdits, build_edits, typed_value
 from rabbit_archive.replay.filters import Filters, build_filters, where_clause
+from rabbit_archive.replay.operations import check_expected_count, type_back
 from tests.unit.test_amqp_codec import field_values, properties, tables
 
 
@@ -277,3 +280,45 @@ def test_bad_edits_name_their_option(
 ) -> None:
     with pytest.raises(UsageError, match=fragment):
         build_edits(setting, typed, removing)
+
+
+# ------------------------------------------------------------------ guards and the target URL
+
+
+def _settings(**values: Any) -> Settings:
+    return Settings(amqp_url="amqp://guest:guest@localhost:5672/prod", **values)
+
+
+def test_expect_count_and_the_typed_back_threshold() -> None:
+    check_expected_count(None, 5)
+    check_expected_count(5, 5)
+    with pytest.raises(UsageError, match="--expect-count 4: the selection holds 5 messages"):
+        check_expected_count(4, 5)
+    settings = _settings(replay_confirm_count_above=10)
+    assert type_back(settings, 10) is None
+    assert type_back(settings, 11) == 11
+
+
+def test_resume_needs_the_target_url_it_started_with() -> None:
+    url = "amqp://replayer:s3cret@staging:5672/stage"
+    settings = _settings()
+    stored = {"target_url": mask_url(url), "vhost": "stage"}
+    assert operations._resume_url(settings, "r1", stored, url) == (url, "stage")
+    assert operations._resume_url(_settings(replay_target_url=url), "r1", stored, None) == (url, "stage")
+    with pytest.raises(UsageError, match="give that URL again") as missing:
+        operations._resume_url(settings, "r1", stored, None)
+    assert "s3cret" not in str(missing.value)
+    with pytest.raises(UsageError, match="published to"):
+        operations._resume_url(settings, "r1", stored, url.replace("stage", "other"))
+    with pytest.raises(UsageError, match="--target-url must look like"):
+        operations._resume_url(settings, "r1", stored, "http://staging")
+    plain = {"vhost": "prod"}
+    assert operations._resume_url(settings, "r2", plain, None) == (settings.amqp_url, "prod")
+    with pytest.raises(UsageError, match="leave out --target-url"):
+        operations._resume_url(settings, "r2", plain, url)
+
+
+def test_the_vhost_of_a_target_url() -> None:
+    assert url_vhost("amqp://u:p@h:5672/stage%2Fone") == "stage/one"
+    assert url_vhost("amqp://u:p@h:5672") == "/"
+    assert url_vhost("amqp://u:p@h1:5672,h2:5672/v") == "v"
