@@ -240,8 +240,8 @@ SELECT r.id,
              AND l.objid::text::bigint = (hashtext(r.id)::bigint & 4294967295)
        ) THEN 'interrupted' ELSE r.status END AS status,
        r.filters, r.target, r.options, r.operator, r.reason, r.upto_id, r.selected, r.published,
-       r.confirmed, r.returned, r.nacked, r.skipped, r.follow_gaps, r.confirmed_cursor, r.error,
-       r.started_at, r.updated_at, r.finished_at
+       r.confirmed, r.returned, r.nacked, r.skipped, r.without_death, r.follow_gaps, r.confirmed_cursor,
+       r.error, r.started_at, r.updated_at, r.finished_at
 FROM rabbit_archive.replays AS r
 """
 
@@ -258,6 +258,7 @@ LIST_REPLAYS = _REPLAY_SELECT + "ORDER BY r.started_at, r.id"
 SAVE_REPLAY_PROGRESS = """
 UPDATE rabbit_archive.replays
 SET published = $2, confirmed = $3, returned = $4, nacked = $5, skipped = $6, confirmed_cursor = $7,
+    without_death = $8,
     updated_at = now()
 WHERE id = $1
 """

@@ -142,7 +142,9 @@ CREATE TABLE rabbit_archive.replays (
     -- Messages that could not be republished at all (see the log).
     skipped bigint NOT NULL DEFAULT 0,
     -- Archive ids retention dropped before a follower reached them: [{"from", "until", "at"}].
-    follow_gaps jsonb NOT NULL DEFAULT '[]'
+    follow_gaps jsonb NOT NULL DEFAULT '[]',
+    -- Of the skipped, `--to-origin` messages without x-death (reported, not a failure).
+    without_death bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX replays_started_at_idx ON rabbit_archive.replays (started_at);
 -- A follower's name (`run --follow --name`) is one durable position.

@@ -93,6 +93,8 @@ class ReplayRecord:
     failed_ids: tuple[int, ...] = ()
     settled_cursor: int | None = None
     skipped: int = 0
+    # Of the skipped, `--to-origin` messages without x-death (reported, not a failure).
+    without_death: int = 0
     follow_gaps: tuple[dict[str, Any], ...] = ()
 
     @property
@@ -113,6 +115,7 @@ class ReplayRecord:
             "returned": self.returned,
             "nacked": self.nacked,
             "skipped": self.skipped,
+            "without_death": self.without_death,
             "follower": self.follower,
             "follow_gaps": list(self.follow_gaps),
             "operator": self.operator,
@@ -229,10 +232,19 @@ async def save_progress(
     nacked: int,
     skipped: int,
     cursor: int,
+    without_death: int = 0,
 ) -> None:
     """Store the counts and the confirmed cursor."""
     await connection.execute(
-        queries.SAVE_REPLAY_PROGRESS, replay_id, published, confirmed, returned, nacked, skipped, cursor
+        queries.SAVE_REPLAY_PROGRESS,
+        replay_id,
+        published,
+        confirmed,
+        returned,
+        nacked,
+        skipped,
+        cursor,
+        without_death,
     )
 
 

@@ -802,6 +802,7 @@ async def resume(
                     returned=record.returned,
                     nacked=record.nacked,
                     skipped=record.skipped,
+                    without_death=record.without_death,
                 ),
             )
             return await _run_job(job, connection, publisher, progress)

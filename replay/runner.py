@@ -467,6 +467,7 @@ async def execute(
                 returned=counts.returned,
                 nacked=counts.nacked,
                 skipped=counts.skipped,
+                without_death=counts.without_death,
                 cursor=window.confirmed_cursor,
             )
             await history.save_failures(

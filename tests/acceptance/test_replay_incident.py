@@ -233,7 +233,8 @@ def test_to_origin_exchange_and_messages_without_x_death(
     assert "published 3" in out
     assert "skipped 3 (3 without x-death)" in out
     assert len(_take(channel, "work", 3)) == 3
-    assert history(capture_env)[-1]["skipped"] == 3
+    # Kept apart in the history, so that a resume does not count them as failures.
+    assert (history(capture_env)[-1]["skipped"], history(capture_env)[-1]["without_death"]) == (3, 3)
     wrong = replay_command(capture_env, "run", "--exchange", "dlx", "--to-origin=somewhere", "--yes")
     assert_one_line_error(wrong, 2, "--to-origin")
     both = replay_command(capture_env, "run", "--exchange", "dlx", "--to-origin", "--to-queue", "x", "--yes")
