@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -95,7 +96,15 @@ def test_sigkill_mid_replay_then_resume_delivers_every_archive_id(
     assert killed["replay_id"] == replay_id
     assert killed["status"] == "interrupted"
     assert killed["confirmed_cursor"] > 0
-    sent_before_kill = depth(pika_channel, "target")
+    # Frames the killed process wrote may still be landing on a loaded broker: read the depth
+    # once it stopped growing.
+    sent_before_kill = -1
+    for _ in range(40):
+        now = depth(pika_channel, "target")
+        if now == sent_before_kill:
+            break
+        sent_before_kill = now
+        time.sleep(0.5)
     assert sent_before_kill < total
 
     resumed = replay_command(capture_env, "resume", replay_id, "--yes")

@@ -217,6 +217,14 @@ async def test_any_error_in_the_loop_waits_for_the_confirms_and_saves(
     assert (job.counts.published, job.counts.confirmed) == (3, 3)
     assert saved[-2] == (
         "progress",
-        {"published": 3, "confirmed": 3, "returned": 0, "nacked": 0, "skipped": 0, "cursor": 3, "without_death": 0},
+        {
+            "published": 3,
+            "confirmed": 3,
+            "returned": 0,
+            "nacked": 0,
+            "skipped": 0,
+            "cursor": 3,
+            "without_death": 0,
+        },
     )
     assert saved[-1] == ("failures", {"failed": [], "settled_cursor": 3})
