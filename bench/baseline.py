@@ -6,14 +6,20 @@
   flight as the replay allows itself (500, or 16 MiB of bodies);
 - latency: under a steady load published as for the capture's (bench.common.publish_steadily), the
   time from publish to delivery to a consumer of a quorum queue: the broker's share of the capture
-  latency, its floor on this machine at that moment.
+  latency, its floor on this machine at that moment;
+- copy: PostgreSQL alone, taking the rows the daemon would write for N messages (built before the
+  clock starts, by the daemon's own archive.records.message_row) into the archive table of a
+  database of its own, in full batches (BATCH_SIZE rows, BATCH_MAX_BYTES), each one COPY and a
+  commit: the database's share of the capture's drain, its bound.
 """
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.common import (
@@ -28,10 +34,16 @@ from bench.common import (
     publish_steadily,
     window_size,
 )
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
+from rabbit_archive.archive.migrate import apply_migrations
+from rabbit_archive.archive.records import MESSAGE_COLUMNS, message_row
 from rabbit_archive.config.settings import Settings
 
 PREFETCH: int = Settings.model_fields["prefetch"].default  # the daemon's default, not the environment's
 ACK_EVERY = 1000
+BATCH_SIZE: int = Settings.model_fields["batch_size"].default
+BATCH_MAX_BYTES: int = Settings.model_fields["batch_max_bytes"].default
+COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")  # as capture/store.py writes them
 
 
 async def consumer(vhost: str, sizes: Sizes) -> dict[str, Any]:
@@ -115,3 +127,37 @@ async def latency(vhost: str, sizes: Sizes, rate: float, seconds: float) -> list
         await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
     return delivered
+
+
+async def copy(database_url: str, sizes: Sizes) -> dict[str, Any]:
+    """rows/s of COPY alone: the rows of N messages into the archive table, a transaction per full batch."""
+    body = sizes.body
+    per_batch = max(1, min(BATCH_SIZE, BATCH_MAX_BYTES // max(len(body), 1)))
+    rows = []
+    for index in range(min(per_batch, sizes.messages)):
+        headers = [
+            (b"seq", ("I", index)),
+            (b"source", ("S", b"bench")),
+            (b"tenant", ("S", f"t-{index % 7}".encode())),
+        ]
+        properties = Properties(headers=headers, delivery_mode=2, message_id=f"m-{index}".encode())
+        row = message_row("bench", "bench", f"bench.{index % 10}", False, encode_properties(properties), body)
+        rows.append((*row, datetime.now(UTC)))
+    connection = await asyncpg.connect(database_url)
+    try:
+        await apply_migrations(connection)
+        seconds, copied = 0.0, 0
+        while copied < sizes.messages:
+            batch = rows[: sizes.messages - copied]
+            started = time.perf_counter()
+            async with connection.transaction():
+                await connection.copy_records_to_table(
+                    "messages", schema_name="rabbit_archive", columns=COPY_COLUMNS, records=batch
+                )
+            seconds += time.perf_counter() - started
+            copied += len(batch)
+        await connection.execute("TRUNCATE rabbit_archive.messages")
+    finally:
+        await connection.close()
+    log.log(f"baseline copy: {copied} rows at {copied / seconds:,.0f} rows/s, {per_batch} per transaction")
+    return {"rows_per_s": copied / seconds, "seconds": seconds, "rows_per_transaction": per_batch}

@@ -3,13 +3,15 @@
 A build is a git revision, its tracked files exported (`git archive`) into a temporary directory
 whose src/rabbit_archive goes first on the daemon's import path, or `worktree`: the files as they
 are now. Each build has a vhost and a database of its own, so the schemas of two revisions never
-meet; the plain consumer (bench/baseline.py) has a vhost of its own too. Every round runs, in
-alternating order (consumer, A, B; B, A, consumer; ...), the consumer's drain and its latency
-publish → delivered under each steady load (the broker's share, the floor), and, for each build, a
+meet; the plain consumer (bench/baseline.py) has a vhost of its own too, and the raw COPY baseline
+a database. Every round runs, in alternating order (consumer, copy, A, B; B, A, copy, consumer; ...),
+the consumer's drain and its latency publish → delivered under each steady load (the broker's
+share, the floor), a raw COPY of the same rows (the database's share), and, for each build, a
 fresh daemon draining a fresh backlog of N messages, then the steady loads at each rate with
 latency publish → committed (bench/capture.py), then the daemon stops. A drain's rate is over
-all its rounds (messages over seconds, first row to last), its ratios are to the consumer's and
-to the first build's, and also per round (the median is reported: a shared machine drifts).
+all its rounds (messages over seconds, first row to last), its ratios are to the consumer's, to
+the lesser of the consumer and the COPY (the bound) and to the first build's, and also per round
+(the median is reported: a shared machine drifts).
 Latency percentiles pool every round's messages.
 
 Run: .venv/bin/python -m bench.builds --build HEAD --build worktree [--quick]
@@ -73,8 +75,10 @@ async def measure(
         name: f"bench-{tag}-build-{number}" for number, name in enumerate(names)
     }
     databases = {name: f"bench_{tag}_{number}" for number, name in enumerate(names)}
+    databases["copy"] = f"bench_{tag}_copy"
     consumer_seconds: list[float] = []
     floor: dict[float, list[float]] = {rate: [] for rate in rates}
+    copy_seconds: list[float] = []
     drains: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     loads: dict[str, dict[float, list[dict[str, Any]]]] = {
         name: {rate: [] for rate in rates} for name in names
@@ -93,7 +97,7 @@ async def measure(
                     vhosts[name], f"{POSTGRES}/{databases[name]}", output, build=builds[name]
                 )
                 await capture.prepare(api, daemon, vhosts[name])
-            order = ["consumer", *names]
+            order = ["consumer", "copy", *names]
             for round_number in range(rounds):
                 for variant in order if round_number % 2 == 0 else reversed(order):
                     if variant == "consumer":
@@ -103,6 +107,10 @@ async def measure(
                             floor[steady_rate].extend(
                                 await baseline.latency(vhosts["consumer"], sizes, steady_rate, seconds)
                             )
+                        continue
+                    if variant == "copy":
+                        copied = await baseline.copy(f"{POSTGRES}/{databases['copy']}", sizes)
+                        copy_seconds.append(copied["seconds"])
                         continue
                     log.log(f"builds: round {round_number + 1} of {rounds}, {variant}")
                     url = f"{POSTGRES}/{databases[variant]}"
@@ -132,13 +140,14 @@ async def measure(
                     await admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                     log.log(f"[red]could not drop database {database}: {error}")
-    return summary(names, sizes, consumer_seconds, floor, drains, loads, latencies)
+    return summary(names, sizes, consumer_seconds, copy_seconds, floor, drains, loads, latencies)
 
 
 def summary(
     names: list[str],
     sizes: Sizes,
     consumer_seconds: list[float],
+    copy_seconds: list[float],
     floor: dict[float, list[float]],
     drains: dict[str, list[dict[str, Any]]],
     loads: dict[str, dict[float, list[dict[str, Any]]]],
@@ -146,6 +155,8 @@ def summary(
 ) -> dict[str, Any]:
     """Rates over all rounds, ratios to the consumer and to the first build, pooled latency percentiles."""
     consumer_rate = len(consumer_seconds) * (sizes.messages - 1) / sum(consumer_seconds)
+    copy_rate = len(copy_seconds) * sizes.messages / sum(copy_seconds)
+    bound = min(consumer_rate, copy_rate)
     result: dict[str, Any] = {
         "consumer": {
             "msg_per_s": consumer_rate,
@@ -158,7 +169,9 @@ def summary(
                 }
                 for rate, each in floor.items()
             },
-        }
+        },
+        "copy": {"rows_per_s": copy_rate, "seconds": copy_seconds},
+        "bound_msg_per_s": bound,
     }
     first = names[0]
 
@@ -185,12 +198,17 @@ def summary(
                 "latency_max_ms": max(each),
                 "mean_batch": sum(load["published"] for load in loads[name][rate])
                 / sum(load["batches"] for load in loads[name][rate]),
+                **{
+                    f"{process}_cpu_s_per_10k_msgs": cpu_per_10k(loads[name][rate], process)
+                    for process in ("daemon", "broker")
+                },
                 "rounds": loads[name][rate],
             }
         result[name] = {
             "drain_msg_per_s": drain_rate(name),
             "drain_ratio_to_consumer": drain_rate(name) / consumer_rate,
             "drain_ratio_to_consumer_median_of_rounds": per_round[len(per_round) // 2],
+            "drain_ratio_to_bound": drain_rate(name) / bound,
             "drain_ratio_to_reference": drain_rate(name) / drain_rate(first),
             "drain_ratio_to_reference_median_of_rounds": against_first[len(against_first) // 2],
             "peak_rss_mb": max(d["peak_rss_mb"] for d in drains[name]),
@@ -201,6 +219,21 @@ def summary(
             "steady": steady,
         }
     return result
+
+
+def cpu_per_10k(loads: list[dict[str, Any]], process: str) -> float | None:
+    """A process's CPU seconds per 10,000 messages over the loads, None where it was not read."""
+    seconds: list[float | None] = [load[f"{process}_cpu_s"] for load in loads]
+    known = [value for value in seconds if value is not None]
+    if len(known) < len(seconds):
+        return None
+    return sum(known) / sum(int(load["published"]) for load in loads) * 10_000
+
+
+def cpu_cell(steady: dict[str, Any]) -> str:
+    """Daemon and broker CPU per 10k messages, '-' where not read."""
+    values = (steady[f"{process}_cpu_s_per_10k_msgs"] for process in ("daemon", "broker"))
+    return " / ".join("-" if value is None else f"{value:.2f}" for value in values)
 
 
 def ratios(build: dict[str, Any], to: str) -> str:
@@ -222,7 +255,9 @@ def show(result: dict[str, Any]) -> None:
     consumer = result["consumer"]["msg_per_s"]
     rows = [
         ("plain consumer drain msg/s", [f"{consumer:,.0f}" for _ in names]),
+        ("raw COPY of the same rows, rows/s", [f"{result['copy']['rows_per_s']:,.0f}" for _ in names]),
         ("drain msg/s", [f"{result[n]['drain_msg_per_s']:,.0f}" for n in names]),
+        ("drain ÷ lesser of consumer and COPY", [f"{result[n]['drain_ratio_to_bound']:.2f}" for n in names]),
         ("drain ÷ consumer (median of rounds)", [ratios(result[n], "consumer") for n in names]),
         (f"drain ÷ {first} (median of rounds)", [ratios(result[n], "reference") for n in names]),
         ("drain peak RSS MB", [f"{result[n]['peak_rss_mb']:.0f}" for n in names]),
@@ -249,6 +284,12 @@ def show(result: dict[str, Any]) -> None:
                     )
                     for n in names
                 ],
+            )
+        )
+        rows.append(
+            (
+                f"{rate:,.0f} msg/s: CPU s / 10k msgs: daemon / broker",
+                [cpu_cell(result[n]["steady"][key]) for n in names],
             )
         )
         rows.append(

@@ -34,6 +34,7 @@ from bench.common import (
     STEADY_EXCHANGE,
     Sizes,
     amqp_url,
+    broker_pid,
     cpu_seconds,
     esc,
     free_port,
@@ -107,6 +108,11 @@ class Daemon:
             self.env["PYTHONPATH"] = str(build / "src")
             self.command = [sys.executable, "-m", "rabbit_archive.capture", "run"]
         self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running daemon's pid."""
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
 
     async def start(self) -> int:
         """Start the daemon (cwd: a temp dir, so no .env is read); returns its pid."""
@@ -216,6 +222,9 @@ async def steady(
 
     await database.execute(NOTIFY_COMMITS)
     await database.add_listener(COMMITTED, on_commit)
+    # CPU seconds of the daemon and of the broker (when this process may read its /proc entry).
+    pids = {name: pid for name, pid in (("daemon", daemon.pid), ("broker", broker_pid())) if pid is not None}
+    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
     try:
         published_s = await publish_steadily(vhost, sizes, total, rate, check=daemon.check_running)
         deadline = time.perf_counter() + sizes.timeout(total)
@@ -225,6 +234,9 @@ async def steady(
                 raise RuntimeError(f"steady load: only {rows} of {total} rows stored")
             await asyncio.sleep(POLL)
         await asyncio.sleep(POLL)  # the last notification may still be on its way
+        cpu = {
+            name: cpu_seconds(pids[name]) - before for name, before in cpu.items() if pids[name] is not None
+        }
     finally:
         await database.remove_listener(COMMITTED, on_commit)
         await database.execute(STOP_NOTIFYING)
@@ -233,13 +245,14 @@ async def steady(
         raise RuntimeError(f"steady load: {len(stamps)} rows with a published_at_us header, expected {total}")
     commits.sort()
     last_ids = [last_id for last_id, _ in commits]
-    committed, started = [], []
+    committed, started, writing = [], [], []
     for row in stamps:
         index = bisect.bisect_left(last_ids, row["id"])
         if index == len(commits):
             raise RuntimeError(f"steady load: no commit notification for row {row['id']}")
         committed.append((commits[index][1] - row["published_us"]) / 1000)
         started.append((row["captured_us"] - row["published_us"]) / 1000)
+        writing.append((commits[index][1] - row["captured_us"]) / 1000)
     batches = len({commits[bisect.bisect_left(last_ids, row["id"])] for row in stamps})
     summary = {
         "rate_msg_per_s": rate,
@@ -251,8 +264,13 @@ async def steady(
         "latency_max_ms": max(committed),
         "to_write_start_p50_ms": percentile(started, 0.5),
         "to_write_start_p99_ms": percentile(started, 0.99),
+        # From the capture lock to the commit's notification: the write itself, per message.
+        "write_p50_ms": percentile(writing, 0.5),
+        "write_p99_ms": percentile(writing, 0.99),
         "batches": batches,
         "mean_batch": total / batches,
+        "daemon_cpu_s": cpu.get("daemon"),
+        "broker_cpu_s": cpu.get("broker"),
     }
     return summary, committed
 

@@ -4,6 +4,7 @@ import asyncio
 import os
 import random
 import socket
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -172,6 +173,17 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid() -> int | None:
+    """The pid of the process listening on the broker's AMQP port (readable when run as root), if found."""
+    port = int(AMQP.rsplit(":", 1)[1])
+    listed = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=False)
+    for line in listed.stdout.splitlines():
+        _, found, rest = line.partition("pid=")
+        if found:
+            return int(rest.split(",", 1)[0])
+    return None
 
 
 def peak_rss_mb(pid: int) -> float:
