@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,7 +77,7 @@ async def measure(
     databases = {name: f"bench_{tag}_{number}" for number, name in enumerate(names)}
     databases["copy"] = f"bench_{tag}_copy"
     consumer_seconds: list[float] = []
-    floor: dict[float, list[float]] = {rate: [] for rate in rates}
+    floor: dict[float, list[list[float]]] = {rate: [] for rate in rates}
     copy_seconds: list[float] = []
     drains: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     loads: dict[str, dict[float, list[dict[str, Any]]]] = {
@@ -104,7 +104,7 @@ async def measure(
                         rate = (await baseline.consumer(vhosts["consumer"], sizes))["msg_per_s"]
                         consumer_seconds.append((sizes.messages - 1) / rate)
                         for steady_rate in rates:
-                            floor[steady_rate].extend(
+                            floor[steady_rate].append(
                                 await baseline.latency(vhosts["consumer"], sizes, steady_rate, seconds)
                             )
                         continue
@@ -148,7 +148,7 @@ def summary(
     sizes: Sizes,
     consumer_seconds: list[float],
     copy_seconds: list[float],
-    floor: dict[float, list[float]],
+    floor: dict[float, list[list[float]]],
     drains: dict[str, list[dict[str, Any]]],
     loads: dict[str, dict[float, list[dict[str, Any]]]],
     latencies: dict[str, dict[float, list[float]]],
@@ -163,9 +163,11 @@ def summary(
             "seconds": consumer_seconds,
             "steady": {
                 f"{rate:.0f}": {
-                    "latency_p50_ms": capture.percentile(each, 0.5),
-                    "latency_p99_ms": capture.percentile(each, 0.99),
-                    "latency_max_ms": max(each),
+                    "latency_p50_ms": capture.percentile([ms for one in each for ms in one], 0.5),
+                    "latency_p99_ms": capture.percentile([ms for one in each for ms in one], 0.99),
+                    "latency_max_ms": max(ms for one in each for ms in one),
+                    "latency_p50_ms_median_of_rounds": median(capture.percentile(one, 0.5) for one in each),
+                    "latency_p99_ms_median_of_rounds": median(capture.percentile(one, 0.99) for one in each),
                 }
                 for rate, each in floor.items()
             },
@@ -196,6 +198,12 @@ def summary(
                 "latency_p50_ms": capture.percentile(each, 0.5),
                 "latency_p99_ms": capture.percentile(each, 0.99),
                 "latency_max_ms": max(each),
+                "latency_p50_ms_median_of_rounds": median(
+                    load["latency_p50_ms"] for load in loads[name][rate]
+                ),
+                "latency_p99_ms_median_of_rounds": median(
+                    load["latency_p99_ms"] for load in loads[name][rate]
+                ),
                 "mean_batch": sum(load["published"] for load in loads[name][rate])
                 / sum(load["batches"] for load in loads[name][rate]),
                 **{
@@ -221,6 +229,12 @@ def summary(
     return result
 
 
+def median(values: Iterable[float]) -> float:
+    """The middle value (the upper one of an even count, as the drain ratios take it)."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def cpu_per_10k(loads: list[dict[str, Any]], process: str) -> float | None:
     """A process's CPU seconds per 10,000 messages over the loads, None where it was not read."""
     seconds: list[float | None] = [load[f"{process}_cpu_s"] for load in loads]
@@ -228,6 +242,13 @@ def cpu_per_10k(loads: list[dict[str, Any]], process: str) -> float | None:
     if len(known) < len(seconds):
         return None
     return sum(known) / sum(int(load["published"]) for load in loads) * 10_000
+
+
+def latency_cell(steady: dict[str, Any]) -> str:
+    """Pooled p50 / p99, and the medians of the rounds' own p50 / p99."""
+    pooled = f"{steady['latency_p50_ms']:.1f} / {steady['latency_p99_ms']:.1f}"
+    p50, p99 = steady["latency_p50_ms_median_of_rounds"], steady["latency_p99_ms_median_of_rounds"]
+    return f"{pooled} ({p50:.1f} / {p99:.1f})"
 
 
 def cpu_cell(steady: dict[str, Any]) -> str:
@@ -268,22 +289,14 @@ def show(result: dict[str, Any]) -> None:
         delivered = result["consumer"]["steady"][key]
         rows.append(
             (
-                f"{rate:,.0f} msg/s: consumer, to delivery: p50 / p99 / max ms",
-                [
-                    " / ".join(f"{delivered[f'latency_{q}_ms']:.1f}" for q in ("p50", "p99", "max"))
-                    for _ in names
-                ],
+                f"{rate:,.0f} msg/s: consumer, to delivery: p50 / p99 ms (medians of rounds)",
+                [latency_cell(delivered) for _ in names],
             )
         )
         rows.append(
             (
-                f"{rate:,.0f} msg/s: capture, to commit: p50 / p99 / max ms",
-                [
-                    " / ".join(
-                        f"{result[n]['steady'][key][f'latency_{q}_ms']:.1f}" for q in ("p50", "p99", "max")
-                    )
-                    for n in names
-                ],
+                f"{rate:,.0f} msg/s: capture, to commit: p50 / p99 ms (medians of rounds)",
+                [latency_cell(result[n]["steady"][key]) for n in names],
             )
         )
         rows.append(
