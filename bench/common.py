@@ -1,6 +1,7 @@
 """What every benchmark phase shares: addresses, the benchmark messages, a confirming publisher, /proc."""
 
 import asyncio
+import hashlib
 import os
 import random
 import socket
@@ -160,6 +161,24 @@ async def admin_sql(sql: str) -> None:
             if attempt == 2:
                 raise
             await asyncio.sleep(1)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether (and where) the tracked files differ from it (taken at start)."""
+
+    def git(*args: str) -> str:
+        repository = Path(__file__).resolve().parent.parent
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=repository)
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    diff = hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()[:12] if changed else None
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(changed),
+        "changed": changed,
+        "diff_sha256": diff,  # tells apart runs of different uncommitted states
+    }
 
 
 def free_port() -> int:

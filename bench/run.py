@@ -10,9 +10,7 @@ vhosts and a fresh database are used and deleted at the end, whatever happens. R
 
 import argparse
 import asyncio
-import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import baseline, capture, inbox, replay, sources
-from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, log
+from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, git_state, log
 
 QUICK_MESSAGES = 20_000
 DEFAULT_MESSAGES = 100_000
@@ -39,24 +37,6 @@ REPLAY_RATIO_TARGET = 0.8
 RSS_TARGET_MB = 200
 # Issue 16's target.
 INBOX_RATIO_TARGET = 0.8
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether (and where) the tracked files differ from it (taken at start)."""
-
-    def git(*args: str) -> str:
-        repository = Path(__file__).resolve().parent.parent
-        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=repository)
-        return done.stdout.strip()
-
-    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    diff = hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()[:12] if changed else None
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(changed),
-        "changed": changed,
-        "diff_sha256": diff,  # tells apart runs of different uncommitted states
-    }
 
 
 async def measure(

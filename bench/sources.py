@@ -41,6 +41,7 @@ from bench.common import (
     admin_sql,
     cpu_seconds,
     esc,
+    git_state,
     log,
     publish,
     window_size,
@@ -251,7 +252,9 @@ def main() -> None:
     parser.add_argument("--body-size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(alone(Sizes(args.messages, args.body_size), args.rounds)), indent=2))
+    git = git_state()
+    measured = asyncio.run(alone(Sizes(args.messages, args.body_size), args.rounds))
+    print(json.dumps({**git, **measured}, indent=2))
 
 
 if __name__ == "__main__":
