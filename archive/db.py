@@ -24,6 +24,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # What asyncpg raises when PostgreSQL ends the session during a transaction and the pool
+    # then resets the connection ("cannot switch to state 15; another operation (2) is in
+    # progress", asyncpg issue 784). The pool has already terminated that connection, so a
+    # retry gets a fresh one: met in a PostgreSQL restart under load.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 

@@ -32,9 +32,22 @@ def stored_counts(database_url: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def assert_exactly_once(database_url: str, expected: int, timeout: float = 60) -> None:
-    """Wait until `expected` messages are stored, then check none is stored twice."""
-    wait_for(lambda: stored_counts(database_url)[0] >= expected, timeout, what=f"{expected} rows")
+def assert_exactly_once(
+    database_url: str, expected: int, timeout: float = 60, daemon: CaptureProcess | None = None
+) -> None:
+    """Wait until `expected` messages are stored, then check none is stored twice.
+
+    On a timeout the daemon's log tail and the rows stored say where the rest went.
+    """
+    try:
+        wait_for(lambda: stored_counts(database_url)[0] >= expected, timeout, what=f"{expected} rows")
+    except AssertionError as timeout_error:
+        if daemon is None:
+            raise
+        tail = "\n".join(daemon.log().splitlines()[-40:])
+        raise AssertionError(
+            f"{timeout_error}; stored {stored_counts(database_url)}; daemon log:\n{tail}"
+        ) from None
     time.sleep(1.5)  # anything stored twice would arrive within a batch or two
     rows, distinct = stored_counts(database_url)
     assert (rows, distinct) == (expected, expected)
@@ -62,7 +75,7 @@ def test_sigkill_twice_during_load_stores_every_message_exactly_once(
         daemon.kill()
         daemon = start_capture(batch_size="500")
     assert publisher.join() == total
-    assert_exactly_once(database_url, total)
+    assert_exactly_once(database_url, total, daemon=daemon)
 
 
 def test_sigterm_exits_zero_within_ten_seconds_with_everything_acknowledged_stored(
@@ -112,7 +125,7 @@ def test_broker_connection_cut_twice_during_load_loses_nothing(
             proxy.unblock()
             daemon.wait_ready(30)
         assert publisher.join() == total
-        assert_exactly_once(database_url, total)
+        assert_exactly_once(database_url, total, daemon=daemon)
         assert "broker_session_lost" in daemon.log()
 
 
@@ -139,7 +152,7 @@ def test_database_outage_through_a_proxy_pauses_capture_and_loses_nothing(
         proxy.unblock()
         wait_for(daemon.ready, 30, what="/readyz to report ready again")
         assert publisher.join() == total
-        assert_exactly_once(database_url, total)
+        assert_exactly_once(database_url, total, daemon=daemon)
 
 
 @pytest.fixture
@@ -172,7 +185,7 @@ def test_postgresql_restart_during_load_loses_nothing(
     wait_for(lambda: stored_counts(database_url)[0] > 0, 20, what="capture under way")
     postgres_restarter()
     assert publisher.join() == total
-    assert_exactly_once(database_url, total)
+    assert_exactly_once(database_url, total, daemon=daemon)
     wait_for(daemon.ready, 30, what="ready after the restart")
 
 
@@ -212,7 +225,7 @@ def test_broker_restart_while_draining_a_backlog_loses_nothing(
     # The second publisher continues the numbering where the first stopped.
     publisher = BackgroundPublisher(amqp_url, load_exchange, before + after, first=before)
     assert publisher.start().join() == before + after
-    assert_exactly_once(database_url, before + after, timeout=90)
+    assert_exactly_once(database_url, before + after, timeout=90, daemon=daemon)
 
 
 def test_a_minute_long_database_outage_under_steady_load_loses_nothing(
@@ -246,7 +259,7 @@ def test_a_minute_long_database_outage_under_steady_load_loses_nothing(
         proxy.unblock()
         wait_for(daemon.ready, 120, what="/readyz to report ready again")
         assert publisher.join() == total
-        assert_exactly_once(database_url, total, timeout=120)
+        assert_exactly_once(database_url, total, timeout=120, daemon=daemon)
         assert queue_depth(services.amqp_host, services.amqp_port, vhost, "rabbit-archive") == 0
 
 
@@ -301,7 +314,7 @@ def test_two_daemons_one_active_consumer_takes_over_after_sigkill_in_publish_ord
     active.kill()
     wait_for(lambda: standby.metric_total(STORED) > 0, 15, what="the standby to take over")
     assert publisher.join() == total
-    assert_exactly_once(database_url, total)
+    assert_exactly_once(database_url, total, daemon=standby)
     archived = [
         row[0] for row in run_sql(database_url, "SELECT message_id FROM rabbit_archive.messages ORDER BY id")
     ]
@@ -345,4 +358,4 @@ def test_prune_during_load_drops_old_days_and_loses_nothing_being_written(
     old = run_sql(database_url, "SELECT count(*) FROM rabbit_archive.messages WHERE exchange = 'old'")
     assert old[0][0] == 0
     run_sql(database_url, "DELETE FROM rabbit_archive.messages WHERE exchange = 'old'")
-    assert_exactly_once(database_url, total)
+    assert_exactly_once(database_url, total, daemon=daemon)

@@ -50,6 +50,7 @@ LOST: list[BaseException] = [
     asyncpg.AdminShutdownError("terminating connection due to administrator command"),
     asyncpg.CannotConnectNowError("the database system is starting up"),
     ConnectionResetError("connection reset by peer"),
+    asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
     TimeoutError(),
 ]
 
@@ -104,6 +105,8 @@ class FakePool:
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[FakeConnection]:
         yield self.connection
+        # Giving a connection back resets it: a lost session can fail there too.
+        self.connection._check("release", None)
 
     async def execute(self, query: str, *args: Any) -> str:
         return await self.connection.execute(query, *args)
@@ -202,6 +205,15 @@ async def test_a_refusal_while_a_batch_is_being_split_still_retries_the_whole_ba
 @pytest.mark.parametrize("error", LOST, ids=_ids(LOST))
 async def test_a_batch_that_loses_the_database_is_retried(error: BaseException) -> None:
     store, _ = store_failing(on_copy(error))
+    with pytest.raises(DatabaseUnavailable):
+        await store.write_batch("/", deliveries(b"a"), batch_id=7, forget=[])
+
+
+@pytest.mark.parametrize("error", LOST, ids=_ids(LOST))
+async def test_a_batch_whose_connection_fails_on_release_is_retried(error: BaseException) -> None:
+    # PostgreSQL restarted after the rows were sent: the commit's outcome is unknown, and the
+    # retry's BATCH_COMMITTED check decides.
+    store, _ = store_failing(lambda what, _detail: error if what == "release" else None)
     with pytest.raises(DatabaseUnavailable):
         await store.write_batch("/", deliveries(b"a"), batch_id=7, forget=[])
 
