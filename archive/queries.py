@@ -107,6 +107,12 @@ WITH fence AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(8241976967880245
 SELECT clock_timestamp(), pg_notify('rabbit_archive_captured', $1::text) FROM fence
 """
 
+# A capture transaction commits only if this returns false: at most CAPTURE_MARGIN_SECONDS ($2)
+# after its captured_at ($1). Every row's id is then taken within that margin of its capture
+# time, which is what lets a selection by time start its id walk near --since
+# (SELECTION_ID_FLOOR) instead of at the archive's first row.
+CAPTURE_TOO_SLOW = "SELECT clock_timestamp() - $1::timestamptz >= make_interval(secs => $2::double precision)"
+
 # Inside a short transaction of the reader: wait at most this long for capture
 # transactions in flight (one that never ends is the daemon's trouble, not a reason to hang).
 FENCE_TIMEOUT = "SET LOCAL lock_timeout = '30s'"
@@ -123,6 +129,18 @@ FILTER_VHOSTS = "vhost = ANY({}::text[])"
 FILTER_ROUTING_KEY = "routing_key = {}::text"
 # A topic pattern as a regular expression over "." + the routing key (see filters.topic_regex).
 FILTER_ROUTING_PATTERN = "(CASE WHEN routing_key = '' THEN '' ELSE '.' || routing_key END) ~ {}::text"
+# A row captured before $1 (--since minus the capture margin), the latest by time: every row
+# captured from --since on has a higher id (see CAPTURE_TOO_SLOW). One probe of the
+# captured_at index per partition, whatever the statistics.
+SELECTION_ID_FLOOR = """
+SELECT id FROM rabbit_archive.messages WHERE captured_at < $1::timestamptz ORDER BY captured_at DESC LIMIT 1
+"""
+# A row captured after $1 (--until plus the margin), the earliest: every row captured before
+# --until has a lower id.
+SELECTION_ID_CEILING = """
+SELECT id FROM rabbit_archive.messages WHERE captured_at > $1::timestamptz ORDER BY captured_at LIMIT 1
+"""
+
 FILTER_SINCE = "captured_at >= {}::timestamptz"
 FILTER_UNTIL = "captured_at < {}::timestamptz"
 FILTER_FROM_ID = "id >= {}::bigint"
@@ -211,6 +229,23 @@ WHERE i.inhparent = 'rabbit_archive.messages'::regclass
   AND to_date(substr(c.relname, 10), 'YYYYMMDD') + 1 <= ($1::timestamptz AT TIME ZONE 'UTC')::date
 ORDER BY c.relname
 """
+
+# Daily partitions whose day is over ($1 now) and that were never analysed (reltuples -1), or
+# hold rows without column statistics: autovacuum may be off or behind, and a plan on a large
+# partition without statistics can be a full scan.
+CLOSED_PARTITIONS_WITHOUT_STATISTICS = """
+SELECT c.relname
+FROM pg_inherits AS i
+JOIN pg_class AS c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'rabbit_archive.messages'::regclass
+  AND c.relname ~ '^messages_[0-9]{8}$'
+  AND to_date(substr(c.relname, 10), 'YYYYMMDD') + 1 <= ($1::timestamptz AT TIME ZONE 'UTC')::date
+  AND (c.reltuples < 0 OR (c.reltuples > 0 AND NOT EXISTS (
+      SELECT 1 FROM pg_stats AS s WHERE s.schemaname = 'rabbit_archive' AND s.tablename = c.relname
+  )))
+ORDER BY c.relname
+"""
+ANALYZE_PARTITION = "SELECT format('ANALYZE rabbit_archive.%I', $1::text)"
 
 # The server quotes the partition name (format %I); names come from PARTITIONS_BEFORE.
 DROP_PARTITION = "SELECT format('DROP TABLE rabbit_archive.%I', $1::text)"

@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rabbit_archive.archive.amqp_codec import (
@@ -34,6 +34,11 @@ MESSAGE_COLUMNS = (
     "body_size",
     "replay_id",
 )
+
+# A row's id is taken at most this long after its captured_at: a capture transaction that would
+# commit later is rolled back and retried (capture/store.py). Selections by time rely on it to
+# walk only the ids near their window (replay/selection.py).
+CAPTURE_MARGIN = timedelta(seconds=60)
 
 # Added by a quorum queue when it redelivers: a property of the archive queue, not the message.
 DELIVERY_COUNT_HEADER = b"x-delivery-count"

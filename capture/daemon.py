@@ -109,6 +109,9 @@ async def _maintain_partitions(store: PostgresStore, settings: Settings, stop: a
                 dropped = await store.prune(settings.retention)
                 if dropped:
                     log.info("retention_pruned", extra={"partitions": dropped})
+            analyzed = await store.analyze_closed_partitions()
+            if analyzed:
+                log.info("partitions_analyzed", extra={"partitions": analyzed})
         except DatabaseUnavailable as error:
             delay = backoff.next()
             log.warning("maintenance_failed", extra={"error": str(error), "retry_in": round(delay, 1)})

@@ -12,8 +12,9 @@ import asyncpg
 
 from rabbit_archive.archive import queries
 from rabbit_archive.archive.db import DATABASE_ERRORS, Connection, database_error
-from rabbit_archive.archive.errors import describe
+from rabbit_archive.archive.errors import DatabaseUnavailable, describe
 from rabbit_archive.archive.records import (
+    CAPTURE_MARGIN,
     DELIVERY_COUNT_HEADER,
     MESSAGE_COLUMNS,
     clean_properties,
@@ -157,6 +158,13 @@ class PostgresStore:
                 result = await self._write_part(connection, vhost, prepared, owner)
                 if forget_other_sessions:
                     await connection.execute(queries.FORGET_OTHER_SESSIONS, owner.vhost, session_id)
+                margin = CAPTURE_MARGIN.total_seconds()
+                if await connection.fetchval(queries.CAPTURE_TOO_SLOW, captured_at, margin):
+                    # Rolled back: committing would break the bound selections by time rely on.
+                    # The messages stay unacknowledged and the retry takes a new captured_at.
+                    raise DatabaseUnavailable(
+                        f"writing a batch: it took over {margin:.0f} s, so it was rolled back to be retried"
+                    )
                 return result
         except DATABASE_ERRORS as error:
             # Data errors of single rows were dealt with by _write_part: what is left is the
@@ -260,6 +268,26 @@ class PostgresStore:
     async def prune(self, older_than: timedelta) -> int:
         """Drop the partitions older than RETENTION; returns how many."""
         return await prune(self._pool, older_than)
+
+    async def analyze_closed_partitions(self) -> list[str]:
+        """ANALYZE each daily partition once its day is over (if nothing did yet); returns their names.
+
+        Replays and `find` do not depend on statistics, but the operator's own queries do, and
+        a day's partition no longer changes once the day is over: one ANALYZE keeps it right.
+        """
+        try:
+            async with self._pool.acquire() as connection:
+                names: list[str] = [
+                    row[0]
+                    for row in await connection.fetch(
+                        queries.CLOSED_PARTITIONS_WITHOUT_STATISTICS, datetime.now(UTC)
+                    )
+                ]
+                for name in names:
+                    await connection.execute(await connection.fetchval(queries.ANALYZE_PARTITION, name))
+        except DATABASE_ERRORS as error:
+            raise database_error(error, "analysing partitions") from error
+        return names
 
     async def ensure_partitions(self, days_ahead: int) -> int:
         """Create the daily partitions from today (UTC) on that do not exist yet."""

@@ -18,6 +18,7 @@ import asyncpg
 from rabbit_archive.archive import queries
 from rabbit_archive.archive.db import Connection
 from rabbit_archive.archive.errors import DatabaseRefused, UsageError
+from rabbit_archive.archive.records import CAPTURE_MARGIN
 from rabbit_archive.replay.filters import Filters, where_clause
 
 PAGE_ROWS = 500
@@ -99,9 +100,9 @@ async def messages(
     the primary key's order does the work: a page never sorts the whole selection, which made
     an id-ordered walk of a large selection quadratic. The window widens while it finds little.
     """
-    cursor = after_id
     remaining = limit
     newest = filters.upto_id if filters.upto_id is not None else await watermark(connection)
+    cursor, newest = await id_range(connection, filters, after_id, newest)
     width = ID_WINDOW
     while (remaining is None or remaining > 0) and cursor < newest:
         want = page_rows if remaining is None else min(page_rows, remaining)
@@ -129,6 +130,25 @@ async def messages(
                 remaining -= len(ids)
         window_done = len(candidates) < want and len(ids) == len(candidates)
         cursor = through if window_done else ids[-1]
+
+
+async def id_range(connection: Connection, filters: Filters, after_id: int, newest: int) -> tuple[int, int]:
+    """The ids (after_id, newest] narrowed to those a time window (--since, --until) can hold.
+
+    A row's id is taken within CAPTURE_MARGIN of its capture time, so a row captured a margin
+    before --since has a lower id than any row of the window, and one captured a margin after
+    --until a higher one. Without this an id walk for the last two hours of a large archive
+    would start at the archive's first id.
+    """
+    if filters.since is not None:
+        floor = await connection.fetchval(queries.SELECTION_ID_FLOOR, filters.since - CAPTURE_MARGIN)
+        if floor is not None:
+            after_id = max(after_id, floor)
+    if filters.until is not None:
+        ceiling = await connection.fetchval(queries.SELECTION_ID_CEILING, filters.until + CAPTURE_MARGIN)
+        if ceiling is not None:
+            newest = min(newest, ceiling - 1)
+    return after_id, newest
 
 
 async def message(connection: Connection, archive_id: int) -> ArchivedMessage:
