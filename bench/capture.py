@@ -50,6 +50,14 @@ ARCHIVE_QUEUE: str = Settings.model_fields["queue"].default
 POLL = 0.2
 CAPTURE = Path(sys.executable).parent / "rabbit-capture"
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM rabbit_archive.messages"
+# What the archive's partitions hold on disk: heap with TOAST, and indexes (for the sizing table).
+ON_DISK = """
+SELECT coalesce(sum(pg_table_size(c.oid)), 0)::bigint, coalesce(sum(pg_indexes_size(c.oid)), 0)::bigint
+FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'rabbit_archive.messages'::regclass
+"""
+WAL_NOW = "SELECT pg_current_wal_lsn()::text"
+WAL_SINCE = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint"
 # Rows above an id: each measurement counts only its own (a database may serve several rounds).
 ROWS = "SELECT count(*) FROM rabbit_archive.messages WHERE exchange = $1 AND id > $2"
 STAMPS = """
@@ -153,6 +161,13 @@ async def wait_bound(api: httpx.AsyncClient, daemon: Daemon, vhost: str) -> None
     raise RuntimeError("rabbit-capture did not become ready and bind the exchanges within 60 s")
 
 
+async def on_disk(database: "asyncpg.Connection[asyncpg.Record]") -> tuple[int, int]:
+    """Bytes of the archive's partitions: tables (with TOAST) and indexes."""
+    row = await database.fetchrow(ON_DISK)
+    assert row is not None  # an aggregate always returns a row
+    return int(row[0]), int(row[1])
+
+
 async def drain(
     daemon: Daemon, database: "asyncpg.Connection[asyncpg.Record]", vhost: str, sizes: Sizes
 ) -> dict[str, Any]:
@@ -165,6 +180,9 @@ async def drain(
     log.log(f"rabbit-capture: publishing {count} messages to vhost {vhost}")
     await publish(vhost, sizes)
     log.log("rabbit-capture: draining")
+    # WAL is the whole server's: the other databases of the machine should be quiet meanwhile.
+    table_before, indexes_before = await on_disk(database)
+    wal_from = await database.fetchval(WAL_NOW)
     started = time.perf_counter()
     pid = await daemon.start()
     first: tuple[float, int, float] | None = None  # when, rows then, daemon CPU seconds then
@@ -182,6 +200,8 @@ async def drain(
         tick += 1
         await asyncio.sleep(max(0.0, started + tick * POLL - time.perf_counter()))
     rss, cpu = peak_rss_mb(pid), cpu_seconds(pid)
+    wal = int(await database.fetchval(WAL_SINCE, wal_from))
+    table_after, indexes_after = await on_disk(database)
     assert first is not None
     span = now - first[0]
     if first[1] >= count:
@@ -197,6 +217,11 @@ async def drain(
         "cpu_seconds": cpu,
         "cpu_seconds_before_first_row": first[2],
         "cpu_s_per_10k_msgs": cpu / count * 10_000,
+        # Sizing: one core of the daemon's, and the database's disk, per message stored.
+        "msg_per_cpu_second": count / cpu,
+        "table_bytes_per_msg": (table_after - table_before) / count,
+        "index_bytes_per_msg": (indexes_after - indexes_before) / count,
+        "wal_bytes_per_msg": wal / count,
     }
 
 
