@@ -8,8 +8,8 @@ headers, persistent). Layouts:
 - split: two daemons, QUEUE=rabbit-archive-a with INCLUDE=scale-a and QUEUE=rabbit-archive-b with
   INCLUDE=scale-b: each its own queue and exchanges.
 Rate: rows over the time from the first row to the last (polled every 0.2 s). CPU: the daemons'
-together over that time. Order: the share of messages stored after a message of the same exchange published after
-them (0 when the archive's order is the publish order). Rounds alternate the layouts' order.
+together over that time. Order: the share of messages stored after a message of the same exchange
+published after them (0 when the archive's order is the publish order). Rounds rotate the layouts.
 Run: .venv/bin/python -m bench.scaling [--messages N] [--rounds R]
 """
 
