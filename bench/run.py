@@ -1,8 +1,9 @@
 """Benchmark rabbit-capture and rabbit-replay against plain aio-pika on the local broker and database.
 
-One run, in this order: a plain consumer draining N messages; `rabbit-capture run` draining the same
-N messages, then a steady publish load with capture latency; a plain confirming publisher of N
-messages; `rabbit-replay run` of the N archived messages into a fresh queue; a consumer applying each
+One run, in this order: a plain consumer draining N messages (aio-pika, then RabbitMQ's Java client:
+bench/java_baseline.py, the physical limit); `rabbit-capture run` draining the same N messages, then a
+steady publish load with capture latency; a plain confirming publisher of N messages (aio-pika, then
+Java); `rabbit-replay run` of the N archived messages into a fresh queue; a consumer applying each
 message in a PostgreSQL transaction with and without rabbit_archive.inbox (bench/inbox.py); a producer's
 publish rate with no daemon and beside `rabbit-capture run` under each SOURCE (bench/sources.py). Fresh
 vhosts and a fresh database are used and deleted at the end, whatever happens. Run: scripts/bench --quick
@@ -23,7 +24,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import baseline, capture, inbox, replay, sources
+from bench import baseline, capture, inbox, java_baseline, replay, sources
 from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, git_state, log
 
 QUICK_MESSAGES = 20_000
@@ -48,6 +49,7 @@ async def measure(
     vhosts = {"baseline": f"bench-{tag}-baseline", "capture": f"bench-{tag}-capture", **source_vhosts}
     database = f"bench_{tag}"
     database_url = f"{POSTGRES}/{database}"
+    java = await java_baseline.prepare()  # None (noted) when it cannot be built: its lines read n/a
     async with httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api:
         try:
             for vhost in vhosts.values():
@@ -56,10 +58,16 @@ async def measure(
                 (await api.put(f"/api/permissions/{esc(vhost)}/guest", json=everything)).raise_for_status()
             await admin_sql(f'CREATE DATABASE "{database}"')
             consumer = await baseline.consumer(vhosts["baseline"], sizes)
+            java_consumer = await java_baseline.optional(
+                java_baseline.consumer, vhosts["baseline"], sizes, java
+            )
             captured = await capture.run(
                 api, vhosts["capture"], database_url, sizes, steady_rate, steady_seconds, output
             )
             publisher = await baseline.publisher(vhosts["baseline"], sizes)
+            java_publisher = await java_baseline.optional(
+                java_baseline.publisher, vhosts["baseline"], sizes, java
+            )
             replayed = await replay.run(vhosts["capture"], database_url, sizes, analyze, output)
             inboxed = await inbox.run(vhosts["baseline"], database_url, sizes)
             # A quarter of the messages per source and target: eight of them take turns.
@@ -84,13 +92,30 @@ async def measure(
     captured["drain"]["ratio"] = captured["drain"]["msg_per_s"] / consumer["msg_per_s"]
     replayed["ratio"] = replayed["publishing_msg_per_s"] / publisher["msg_per_s"]
     replayed["incl_startup_ratio"] = replayed["incl_startup_msg_per_s"] / publisher["msg_per_s"]
+    captured["drain"]["java_ratio"] = java_ratio(captured["drain"]["msg_per_s"], java_consumer)
+    replayed["java_ratio"] = java_ratio(replayed["publishing_msg_per_s"], java_publisher)
     return {
-        "baseline": {"consumer": consumer, "publisher": publisher},
+        "baseline": {
+            "consumer": consumer,
+            "publisher": publisher,
+            "java_consumer": java_consumer,
+            "java_publisher": java_publisher,
+        },
         "capture": captured,
         "replay": replayed,
         "inbox": inboxed,
         "sources": sourced,
     }
+
+
+def java_ratio(rate: float, java: dict[str, Any] | None) -> float | None:
+    """A rate ÷ the Java baseline's, None without it."""
+    return rate / java["msg_per_s"] if java else None
+
+
+def java_cell(value: float | None, form: str) -> str:
+    """A Java baseline's value for the table, n/a when it was not measured."""
+    return "n/a" if value is None else format(value, form)
 
 
 def verdict(met: bool) -> str:
@@ -138,6 +163,7 @@ def show(result: dict[str, Any]) -> None:
     consumer, publisher = result["baseline"]["consumer"], result["baseline"]["publisher"]
     drain, steady, replayed = result["capture"]["drain"], result["capture"]["steady"], result["replay"]
     inboxed, sourced = result["inbox"], result["sources"]
+    java_consumer, java_publisher = result["baseline"]["java_consumer"], result["baseline"]["java_publisher"]
     table = Table(
         title=f"rabbit-archive benchmark: {result['messages']:,} messages of {result['body_size']:,} bytes, "
         f"commit {result['commit']}{' (dirty)' if result['dirty'] else ''}"
@@ -146,11 +172,16 @@ def show(result: dict[str, Any]) -> None:
         table.add_column(header, justify="right" if header == "value" else "left")
     rows = [
         ("baseline", "consumer drain msg/s", f"{consumer['msg_per_s']:,.0f}", ""),
+        ("", "java consumer, msg/s (the physical limit)",
+         java_cell(java_consumer["msg_per_s"] if java_consumer else None, ",.0f"), ""),
         ("", f"publisher msg/s ({publisher['in_flight']} confirms in flight)",
          f"{publisher['msg_per_s']:,.0f}", ""),
+        ("", "java publisher, msg/s (as many in flight)",
+         java_cell(java_publisher["msg_per_s"] if java_publisher else None, ",.0f"), ""),
         ("capture", "drain msg/s (first→last row)", f"{drain['msg_per_s']:,.0f}", ""),
         ("", "drain ÷ baseline consumer", f"{drain['ratio']:.2f}",
          f"≥ {DRAIN_RATIO_TARGET}: {verdict(drain['ratio'] >= DRAIN_RATIO_TARGET)}"),
+        ("", "drain ÷ java consumer", java_cell(drain["java_ratio"], ".2f"), ""),
         ("", "drain incl. start-up (s)", f"{drain['incl_startup_s']:.2f}", ""),
         ("", "peak RSS MB (drain)", f"{drain['peak_rss_mb']:.1f}",
          f"< {RSS_TARGET_MB} (for 200k msgs): {verdict(drain['peak_rss_mb'] < RSS_TARGET_MB)}"),
@@ -167,6 +198,7 @@ def show(result: dict[str, Any]) -> None:
         ("", "msg/s publishing only (history span)", f"{replayed['publishing_msg_per_s']:,.0f}", ""),
         ("", "publishing only ÷ baseline publisher", f"{replayed['ratio']:.2f}",
          f"≥ {REPLAY_RATIO_TARGET}: {verdict(replayed['ratio'] >= REPLAY_RATIO_TARGET)}"),
+        ("", "publishing only ÷ java publisher", java_cell(replayed["java_ratio"], ".2f"), ""),
         ("", "incl. start-up ÷ baseline publisher", f"{replayed['incl_startup_ratio']:.2f}", ""),
         ("", "peak RSS MB", f"{replayed['peak_rss_mb']:.1f}", ""),
         ("", "CPU s / 10k msgs", f"{replayed['cpu_s_per_10k_msgs']:.2f}", ""),
