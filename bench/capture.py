@@ -314,19 +314,21 @@ async def run(
     vhost: str,
     database_url: str,
     sizes: Sizes,
-    steady_rate: float,
+    steady_rates: Sequence[float],
     steady_seconds: float,
     output: IO[bytes],
 ) -> dict[str, Any]:
-    """Both capture phases in one vhost and database; the daemon is stopped at the end."""
+    """The drain, then a steady load per rate, in one vhost and database; the daemon is stopped at the end."""
     daemon = Daemon(vhost, database_url, output)
     database = await asyncpg.connect(database_url)
     try:
         await prepare(api, daemon, vhost)
         drained = await drain(daemon, database, vhost, sizes)
-        loaded, _ = await steady(daemon, database, vhost, sizes, steady_rate, steady_seconds)
+        loads = [
+            (await steady(daemon, database, vhost, sizes, rate, steady_seconds))[0] for rate in steady_rates
+        ]
         await daemon.stop()
-        return {"drain": drained, "steady": loaded}
+        return {"drain": drained, "steady": loads}
     finally:
         await daemon.stop()
         await database.close()
