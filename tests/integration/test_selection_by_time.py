@@ -274,3 +274,29 @@ async def test_closed_days_are_analysed_once_and_today_is_left_alone(
     assert await reader.fetchval(statistics_of, f"messages_{today:%Y%m%d}") == 0
     # Analysed once: the next upkeep round has nothing to do, the empty day included.
     assert await store.analyze_closed_partitions() == []
+
+
+# --- a replay of one exchange reads only its page, without statistics ------------------------
+
+
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_page_of_one_exchange_reads_only_its_rows_without_statistics(
+    reader: asyncpg.Connection, plan_mode: str
+) -> None:
+    await seed_days(reader)  # every row is of exchange 'orders': the densest selection there is
+    await reader.execute(f"SET plan_cache_mode = {plan_mode}")
+    middle = await reader.fetchval("SELECT max(id) / 2 FROM rabbit_archive.messages")
+    filters = Filters(exchanges=("orders",))
+    where, params = where_clause(filters, after_id=middle, through_id=middle + selection.ID_WINDOW)
+    plan = await explain(
+        reader, queries.SELECTION_PAGE_IDS.format(where=where, limit=selection.PAGE_ROWS), *params
+    )
+    # Without (exchange, id) PostgreSQL combined the whole (exchange, captured_at) index of every
+    # partition with the id window: over 1,000 buffers per page here, a day's worth on a real one.
+    print(f"\n{plan_mode}: buffers read by a page of one exchange", buffers(plan))
+    assert buffers(plan) < 100, buffers(plan)
+    page = [
+        m.id
+        async for m in selection.messages(reader, Filters(exchanges=("orders",), from_id=middle + 1), limit=5)
+    ]
+    assert page == list(range(middle + 1, middle + 6))
