@@ -306,7 +306,7 @@ class VhostCapture:
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             # The archive consumer only ever receives Basic.Deliver frames.
             delivery = cast(commands.Basic.Deliver, message.delivery)
             exchange: str = delivery.exchange or ""
@@ -359,7 +359,7 @@ class VhostCapture:
             if self._bindings.coverage is not None:
                 self._bindings.coverage.note(CoverageEvent(self._vhost, None, "available"))
         try:
-            consume_ok = await frames.consume(
+            consume_ok = await frames.consume_directly(
                 cast(aiormq.Channel, channel), settings.queue, on_message, consumer_tag="rabbit-archive"
             )
         except aiormq.exceptions.ChannelAccessRefused as error:

@@ -125,3 +125,44 @@ def test_connection_open_carries_a_vhost_name_pamqp_refuses() -> None:
         commands.Connection.Open(virtual_host=vhost)
     assert frames.connection_open(vhost).marshal() == bytes([200]) + vhost.encode() + b"\x00\x00"
     assert wire(frames.connection_open("/short")) == wire(commands.Connection.Open(virtual_host="/short"))
+
+
+class DeliveringChannel:
+    """The parts of aiormq.Channel that consume_directly uses, delivering frames on demand."""
+
+    def __init__(self) -> None:
+        self.consumers: dict[str, Any] = {}
+        self.elsewhere: list[str] = []
+
+    async def rpc(self, _frame: Any) -> commands.Basic.ConsumeOk:
+        return commands.Basic.ConsumeOk(consumer_tag="rabbit-archive")
+
+    async def _Channel__get_content_header(self) -> str:
+        return "header"
+
+    async def _read_content(self, frame: commands.Basic.Deliver, content_header: str) -> tuple[int, str]:
+        return (frame.delivery_tag, content_header)
+
+    async def _on_deliver_frame(self, frame: commands.Basic.Deliver) -> None:
+        self.elsewhere.append(frame.consumer_tag)
+
+
+async def test_direct_deliveries_reach_the_callback_in_order_and_survive_its_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel = DeliveringChannel()
+    received: list[Any] = []
+
+    def on_message(message: Any) -> None:
+        if message[0] == 2:
+            raise ValueError("a bug in the callback")
+        received.append(message)
+
+    await frames.consume_directly(channel, "archive", on_message, consumer_tag="rabbit-archive")  # type: ignore[arg-type]
+    for tag in (1, 2, 3):
+        await channel._on_deliver_frame(commands.Basic.Deliver("rabbit-archive", tag))
+    # Another consumer of the same channel is delivered aiormq's way, as before.
+    await channel._on_deliver_frame(commands.Basic.Deliver("someone-else", 4))
+    assert received == [(1, "header"), (3, "header")]
+    assert channel.elsewhere == ["someone-else"]
+    assert [record.getMessage() for record in caplog.records] == ["consumer_callback_failed"]
