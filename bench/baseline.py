@@ -46,8 +46,11 @@ BATCH_MAX_BYTES: int = Settings.model_fields["batch_max_bytes"].default
 COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")  # as capture/store.py writes them
 
 
-async def consumer(vhost: str, sizes: Sizes) -> dict[str, Any]:
-    """msg/s of a consumer that stores nothing, first delivery to last, from a quorum-queue backlog."""
+async def consumer(vhost: str, sizes: Sizes, *, barrier: asyncio.Barrier | None = None) -> dict[str, Any]:
+    """msg/s of a consumer that stores nothing, first delivery to last, from a quorum-queue backlog.
+
+    With a barrier, the drain starts when the other parties are ready too (consumer_and_copy).
+    """
     count = sizes.messages
     async with await aio_pika.connect(amqp_url(vhost)) as connection:
         channel = await connection.channel()
@@ -70,13 +73,21 @@ async def consumer(vhost: str, sizes: Sizes) -> dict[str, Any]:
             if received == count:
                 done.set()
 
+        if barrier is not None:
+            await barrier.wait()
         log.log("baseline consumer: draining")
+        started = time.perf_counter()
         tag = await queue.consume(on_message)
         await asyncio.wait_for(done.wait(), timeout=sizes.timeout())
         elapsed = time.perf_counter() - first
         await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
-    return {"msg_per_s": (count - 1) / elapsed, "prefetch": PREFETCH, "ack_every": ACK_EVERY}
+    return {
+        "msg_per_s": (count - 1) / elapsed,
+        "prefetch": PREFETCH,
+        "ack_every": ACK_EVERY,
+        "seconds_from_start": time.perf_counter() - started,
+    }
 
 
 async def publisher(vhost: str, sizes: Sizes) -> dict[str, Any]:
@@ -129,8 +140,11 @@ async def latency(vhost: str, sizes: Sizes, rate: float, seconds: float) -> list
     return delivered
 
 
-async def copy(database_url: str, sizes: Sizes) -> dict[str, Any]:
-    """rows/s of COPY alone: the rows of N messages into the archive table, a transaction per full batch."""
+async def copy(database_url: str, sizes: Sizes, *, barrier: asyncio.Barrier | None = None) -> dict[str, Any]:
+    """rows/s of COPY alone: the rows of N messages into the archive table, a transaction per full batch.
+
+    With a barrier, the copying starts when the other parties are ready too (consumer_and_copy).
+    """
     body = sizes.body
     per_batch = max(1, min(BATCH_SIZE, BATCH_MAX_BYTES // max(len(body), 1)))
     rows = []
@@ -146,6 +160,8 @@ async def copy(database_url: str, sizes: Sizes) -> dict[str, Any]:
     connection = await asyncpg.connect(database_url)
     try:
         await apply_migrations(connection)
+        if barrier is not None:
+            await barrier.wait()
         seconds, copied = 0.0, 0
         while copied < sizes.messages:
             batch = rows[: sizes.messages - copied]
@@ -161,3 +177,22 @@ async def copy(database_url: str, sizes: Sizes) -> dict[str, Any]:
         await connection.close()
     log.log(f"baseline copy: {copied} rows at {copied / seconds:,.0f} rows/s, {per_batch} per transaction")
     return {"rows_per_s": copied / seconds, "seconds": seconds, "rows_per_transaction": per_batch}
+
+
+async def consumer_and_copy(vhost: str, database_url: str, sizes: Sizes) -> dict[str, Any]:
+    """The consumer and the COPY at once in this one process: the machine doing both, as capture does.
+
+    Capture receives and stores together, on the same cores and in one process; each baseline
+    above runs alone. The pair's rate is N over the longer of the two: what a daemon without any
+    of capture's promises (fingerprints, fences, checks, the JSON views) could store at best.
+    """
+    barrier = asyncio.Barrier(2)
+    consumed, copied = await asyncio.gather(
+        consumer(vhost, sizes, barrier=barrier), copy(database_url, sizes, barrier=barrier)
+    )
+    seconds = max(consumed["seconds_from_start"], copied["seconds"])
+    return {
+        "msg_per_s": sizes.messages / seconds,
+        "consumer_msg_per_s": consumed["msg_per_s"],
+        "copy_rows_per_s": copied["rows_per_s"],
+    }

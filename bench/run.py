@@ -2,7 +2,8 @@
 
 One run, in this order: a plain consumer draining N messages (aio-pika, then RabbitMQ's Java client:
 bench/java_baseline.py, the physical limit); a raw COPY of the rows of N messages into a table of the
-archive's shape (PostgreSQL's share); publish → delivered to a plain consumer under each steady load
+archive's shape (PostgreSQL's share), then the consumer and the COPY at once in one process (the
+machine doing both, as capture does); publish → delivered to a plain consumer under each steady load
 (the broker's share of the latency); `rabbit-capture run` draining the same N messages (with sizing
 figures: messages per CPU second, table, index and WAL bytes per message), then steady publish loads at
 1,000 and 5,000 msg/s with latency publish → committed; a plain confirming publisher of N messages
@@ -73,6 +74,9 @@ async def measure(
             await admin_sql(f'CREATE DATABASE "{copy_database}"')
             consumer = await baseline.consumer(vhosts["baseline"], sizes)
             copied = await baseline.copy(f"{POSTGRES}/{copy_database}", sizes)
+            together = await baseline.consumer_and_copy(
+                vhosts["baseline"], f"{POSTGRES}/{copy_database}", sizes
+            )
             # The broker's share of the latency: publish → delivered to a plain consumer, same loads.
             broker_latency = [
                 latency_summary(await baseline.latency(vhosts["baseline"], sizes, rate, steady_seconds))
@@ -112,6 +116,7 @@ async def measure(
                     log.log(f"[red]could not drop database {name}: {error}")
     captured["drain"]["ratio"] = captured["drain"]["msg_per_s"] / consumer["msg_per_s"]
     captured["drain"]["copy_ratio"] = captured["drain"]["msg_per_s"] / copied["rows_per_s"]
+    captured["drain"]["together_ratio"] = captured["drain"]["msg_per_s"] / together["msg_per_s"]
     captured["drain"]["bound_ratio"] = captured["drain"]["msg_per_s"] / min(
         consumer["msg_per_s"], copied["rows_per_s"]
     )
@@ -125,6 +130,7 @@ async def measure(
         "baseline": {
             "consumer": consumer,
             "copy": copied,
+            "consumer_and_copy": together,
             "publisher": publisher,
             "java_consumer": java_consumer,
             "java_publisher": java_publisher,
@@ -250,6 +256,9 @@ def show(result: dict[str, Any]) -> None:
          f"{copied['rows_per_s']:,.0f}", ""),
         ("", "drain ÷ lesser of consumer and COPY", f"{drain['bound_ratio']:.2f}",
          f"≥ {BOUND_RATIO_TARGET}: {verdict(drain['bound_ratio'] >= BOUND_RATIO_TARGET)}"),
+        ("", "consumer and COPY at once, one process, msg/s",
+         f"{result['baseline']['consumer_and_copy']['msg_per_s']:,.0f}", ""),
+        ("", "drain ÷ consumer and COPY at once", f"{drain['together_ratio']:.2f}", ""),
         ("", "sizing: msg per daemon CPU second", f"{drain['msg_per_cpu_second']:,.0f}", ""),
         ("", "sizing: table / index / WAL bytes per msg",
          f"{drain['table_bytes_per_msg']:,.0f} / {drain['index_bytes_per_msg']:,.0f} / "
