@@ -537,6 +537,13 @@ def run(
         edits = build_edits(set_header, set_header_json, unset_header)
     except UsageError as error:
         fail(str(error), 2)
+    changes = rendering.change_lines(
+        edits,
+        new_message_id=new_message_id,
+        canary=canary,
+        canary_wait=request_canary_wait(canary_wait),
+        yes=yes,
+    )
     request = RunRequest(
         filters=None if from_file else filters,
         target=target,
@@ -550,7 +557,7 @@ def run(
         expect_count=expect_count,
         edits=edits,
         canary=canary,
-        canary_wait=60.0 if canary_wait is None else canary_wait,
+        canary_wait=request_canary_wait(canary_wait),
         target_url=target_url,
         follow=follow,
         name=name,
@@ -561,11 +568,16 @@ def run(
             request,
             confirm=_confirm(yes),
             announce=announce,
-            show_preview=lambda preview: rendering.print_preview(preview, target, dry_run),
+            show_preview=lambda preview: rendering.print_preview(preview, target, dry_run, changes),
             progress=_progress(),
             notify=lambda text: print(rendering.printable(text), file=sys.stderr, flush=True),
         )
     )
+
+
+def request_canary_wait(canary_wait: float | None) -> float:
+    """--canary-wait, 60 s when not given."""
+    return 60.0 if canary_wait is None else canary_wait
 
 
 @app.command()

@@ -8,8 +8,14 @@ import json
 import sys
 from typing import Any
 
-from rabbit_archive.archive.amqp_codec import CodecError, decode_properties, typed_entries
+from rabbit_archive.archive.amqp_codec import (
+    CodecError,
+    decode_properties,
+    text_view,
+    typed_entries,
+)
 from rabbit_archive.replay import operations
+from rabbit_archive.replay.edits import HeaderEdits
 from rabbit_archive.replay.history import ReplayRecord, Target
 from rabbit_archive.replay.operations import Outcome, Preview
 from rabbit_archive.replay.runner import Counts, Progress
@@ -214,7 +220,29 @@ class TerminalProgress(Progress):
         self._progress.stop()
 
 
-def print_preview(preview: Preview, target: Target, dry_run: bool) -> None:
+def change_lines(
+    edits: HeaderEdits, *, new_message_id: bool, canary: int | None, canary_wait: float, yes: bool
+) -> list[str]:
+    """What a replay changes on the way and how it starts, a line each (none when nothing)."""
+    lines = []
+    for entry in typed_entries(list(edits.set)):
+        # As `show --json` writes a header, so that the type the operator asked for is visible.
+        key = entry.pop("key")
+        lines.append(
+            f"sets header {json.dumps(key, ensure_ascii=False)} to {json.dumps(entry, ensure_ascii=False)}"
+        )
+    lines += [f"removes header {json.dumps(text_view(key), ensure_ascii=False)}" for key in edits.unset]
+    if new_message_id:
+        lines.append("gives each message a new message id (the old one in x-replay-of)")
+    if canary is not None:
+        then = f"goes on only if they drained within {canary_wait:g} s" if yes else "asks before the rest"
+        lines.append(f"publishes {canary} messages first (canary), shows the target queue, then {then}")
+    return lines
+
+
+def print_preview(
+    preview: Preview, target: Target, dry_run: bool, changes: "list[str] | None" = None
+) -> None:
     """What a replay is about to do (everything for --dry-run; count and coverage before a real one)."""
     where = f"{target.describe()} in vhost {preview.vhost!r}"
     size = f" ({preview.bytes} bytes)" if preview.groups else ""
@@ -229,6 +257,8 @@ def print_preview(preview: Preview, target: Target, dry_run: bool) -> None:
             print(printable(line), file=out)
     elif preview.groups and not preview.from_file:
         print(f"coverage: not known: {operations.NO_HISTORY}", file=out)
+    for line in changes or ():
+        print(printable(f"it {line}"), file=out)
     if not dry_run:
         return
     print("by vhost, exchange and routing key:")

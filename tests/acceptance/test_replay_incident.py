@@ -277,15 +277,7 @@ def test_header_edits_and_routing_key_arrive_with_every_other_byte_identical(
     asyncio.run(publish_raw(amqp_url, "typed", [(raw, b"typed body")]))
     wait_for(lambda: archived(database_url) >= 1, 30, what="the message archived")
     daemon.stop()
-    result = replay_command(
-        capture_env,
-        "run",
-        "--exchange",
-        "typed",
-        "--to-exchange",
-        "edited",
-        "--routing-key-to",
-        "fixed.key",
+    edits = [
         "--set-header",
         "tenant=acme",
         "--set-header-json",
@@ -294,8 +286,13 @@ def test_header_edits_and_routing_key_arrive_with_every_other_byte_identical(
         'extra={"when": {"type": "timestamp", "value": "2026-11-27T10:00:00Z"}}',
         "--unset-header",
         "case",
-        "--yes",
-    )
+    ]
+    where = ["--exchange", "typed", "--to-exchange", "edited", "--routing-key-to", "fixed.key"]
+    # The dry run says each edit, with the type it will have on the wire.
+    dry = ok(replay_command(capture_env, "run", *where, *edits, "--dry-run"))
+    assert 'it sets header "int8" to {"type": "int32", "value": 70000}' in dry
+    assert 'it removes header "case"' in dry
+    result = replay_command(capture_env, "run", *where, *edits, "--yes")
     ok(result)
     ((copy_raw, body),) = asyncio.run(receive_raw(amqp_url, "edited-q", 1))
     assert body == b"typed body"

@@ -322,3 +322,27 @@ def test_the_vhost_of_a_target_url() -> None:
     assert url_vhost("amqp://u:p@h:5672/stage%2Fone") == "stage/one"
     assert url_vhost("amqp://u:p@h:5672") == "/"
     assert url_vhost("amqp://u:p@h1:5672,h2:5672/v") == "v"
+
+
+def test_the_preview_says_every_change_on_the_way_with_its_type() -> None:
+    from rabbit_archive.replay import rendering
+    from rabbit_archive.replay.edits import build_edits
+
+    edits = build_edits(["tenant=acme"], ['n={"type": "int32", "value": 70000}'], ["case"])
+    lines = rendering.change_lines(edits, new_message_id=True, canary=5, canary_wait=30, yes=True)
+    assert lines == [
+        'sets header "tenant" to {"type": "longstr", "value": "acme"}',
+        'sets header "n" to {"type": "int32", "value": 70000}',
+        'removes header "case"',
+        "gives each message a new message id (the old one in x-replay-of)",
+        "publishes 5 messages first (canary), shows the target queue, "
+        "then goes on only if they drained within 30 s",
+    ]
+    asking = rendering.change_lines(edits, new_message_id=False, canary=5, canary_wait=60, yes=False)
+    assert asking[-1].endswith("then asks before the rest")
+    assert (
+        rendering.change_lines(
+            build_edits(None, None, None), new_message_id=False, canary=None, canary_wait=60, yes=False
+        )
+        == []
+    )
