@@ -107,12 +107,6 @@ WITH fence AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(8241976967880245
 SELECT clock_timestamp(), pg_notify('rabbit_archive_captured', $1::text) FROM fence
 """
 
-# A capture transaction commits only if this returns false: at most CAPTURE_MARGIN_SECONDS ($2)
-# after its captured_at ($1). Every row's id is then taken within that margin of its capture
-# time, which is what lets a selection by time start its id walk near --since
-# (SELECTION_ID_FLOOR) instead of at the archive's first row.
-CAPTURE_TOO_SLOW = "SELECT clock_timestamp() - $1::timestamptz >= make_interval(secs => $2::double precision)"
-
 # Inside a short transaction of the reader: wait at most this long for capture
 # transactions in flight (one that never ends is the daemon's trouble, not a reason to hang).
 FENCE_TIMEOUT = "SET LOCAL lock_timeout = '30s'"
@@ -130,7 +124,7 @@ FILTER_ROUTING_KEY = "routing_key = {}::text"
 # A topic pattern as a regular expression over "." + the routing key (see filters.topic_regex).
 FILTER_ROUTING_PATTERN = "(CASE WHEN routing_key = '' THEN '' ELSE '.' || routing_key END) ~ {}::text"
 # A row captured before $1 (--since minus the capture margin), the latest by time: every row
-# captured from --since on has a higher id (see CAPTURE_TOO_SLOW). One probe of the
+# captured from --since on has a higher id (CAPTURE_MARGIN, capture/store.py). One probe of the
 # captured_at index per partition, whatever the statistics.
 SELECTION_ID_FLOOR = """
 SELECT id FROM rabbit_archive.messages WHERE captured_at < $1::timestamptz ORDER BY captured_at DESC LIMIT 1

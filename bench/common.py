@@ -1,6 +1,7 @@
 """What every benchmark phase shares: addresses, the benchmark messages, a confirming publisher, /proc."""
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -8,7 +9,7 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -16,6 +17,7 @@ from urllib.parse import quote
 
 import aio_pika
 import asyncpg
+import httpx
 from rich.console import Console
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672"
@@ -161,6 +163,29 @@ async def admin_sql(sql: str) -> None:
             if attempt == 2:
                 raise
             await asyncio.sleep(1)
+
+
+@contextlib.asynccontextmanager
+async def scratch_vhost(api: httpx.AsyncClient, vhost: str) -> AsyncIterator[str]:
+    """A new vhost where guest may do everything, deleted afterwards whatever happens."""
+    (await api.put(f"/api/vhosts/{esc(vhost)}")).raise_for_status()
+    try:
+        everything = {"configure": ".*", "write": ".*", "read": ".*"}
+        (await api.put(f"/api/permissions/{esc(vhost)}/guest", json=everything)).raise_for_status()
+        yield vhost
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            await api.delete(f"/api/vhosts/{esc(vhost)}")
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(name: str) -> AsyncIterator[str]:
+    """A new database, its URL yielded, dropped afterwards whatever happens."""
+    await admin_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        await admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def git_state() -> dict[str, Any]:

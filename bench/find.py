@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import POSTGRES, admin_sql, git_state, log
+from bench.common import git_state, log, scratch_database
 from rabbit_archive.archive import queries
 from rabbit_archive.archive.amqp_codec import Properties, encode_properties
 from rabbit_archive.archive.migrate import apply_migrations
@@ -77,10 +77,8 @@ async def timed(action: Callable[[], Awaitable[int]], repeat: int) -> tuple[floa
 
 async def measure(rows: int, days: int, body_size: int, repeat: int) -> dict[str, Any]:
     """Fill a fresh database, time the selections, drop the database whatever happens."""
-    database = f"bench_find_{uuid.uuid4().hex[:10]}"
-    await admin_sql(f'CREATE DATABASE "{database}"')
-    try:
-        connection = await asyncpg.connect(f"{POSTGRES}/{database}")
+    async with scratch_database(f"bench_find_{uuid.uuid4().hex[:10]}") as database_url:
+        connection = await asyncpg.connect(database_url)
         try:
             await apply_migrations(connection)
             await selection.setup_codecs(connection)
@@ -117,8 +115,6 @@ async def measure(rows: int, days: int, body_size: int, repeat: int) -> dict[str
             assert baseline_found == found
         finally:
             await connection.close()
-    finally:
-        await admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     return {
         "rows": rows,
         "days": days,

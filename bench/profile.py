@@ -26,7 +26,7 @@ import asyncpg
 import httpx
 
 from bench.capture import Daemon, prepare
-from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, git_state, log, publish
+from bench.common import MANAGEMENT, Sizes, git_state, log, publish, scratch_database, scratch_vhost
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 # (area, what a frame's "function (path)" contains): a sample goes to the area of its innermost frame
@@ -46,6 +46,7 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("batching and acknowledging", "capture/read_gate.py"),
 )
 EVENT_LOOP = "event loop: scheduling, callbacks, select"
+ROWS = "SELECT count(*) FROM rabbit_archive.messages"
 SAMPLE = re.compile(r"(?P<function>.*) \((?P<path>.*?):\d+\)$")
 
 
@@ -98,13 +99,11 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
         raise RuntimeError("py-spy is not installed: scripts/install test installs it")
     spy_command = str(PY_SPY) if PY_SPY.exists() else "py-spy"
     tag = uuid.uuid4().hex[:8]
-    vhost, database = f"bench-profile-{tag}", f"bench_profile_{tag}"
-    database_url = f"{POSTGRES}/{database}"
-    async with httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api:
-        (await api.put(f"/api/vhosts/{esc(vhost)}")).raise_for_status()
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        (await api.put(f"/api/permissions/{esc(vhost)}/guest", json=everything)).raise_for_status()
-        await admin_sql(f'CREATE DATABASE "{database}"')
+    async with (
+        httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api,
+        scratch_vhost(api, f"bench-profile-{tag}") as vhost,
+        scratch_database(f"bench_profile_{tag}") as database_url,
+    ):
         with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile() as output:
             daemon = Daemon(vhost, database_url, output)
             raw_path = Path(folder) / "raw.txt"
@@ -115,7 +114,7 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
                 connection = await asyncpg.connect(database_url)
                 try:
                     pid = await daemon.start()
-                    while not await connection.fetchval("SELECT count(*) FROM rabbit_archive.messages"):
+                    while not await connection.fetchval(ROWS):
                         daemon.check_running()
                         await asyncio.sleep(0.05)
                     spy = await asyncio.create_subprocess_exec(
@@ -125,12 +124,11 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
                         stderr=asyncio.subprocess.DEVNULL,
                     )
                     started = time.perf_counter()
-                    first = int(await connection.fetchval("SELECT count(*) FROM rabbit_archive.messages"))
-                    while (
-                        rows := int(await connection.fetchval("SELECT count(*) FROM rabbit_archive.messages"))
-                    ) < (sizes.messages):
+                    first = rows = int(await connection.fetchval(ROWS))
+                    while rows < sizes.messages:
                         daemon.check_running()
                         await asyncio.sleep(0.2)
+                        rows = int(await connection.fetchval(ROWS))
                     seconds = time.perf_counter() - started
                     spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
                     await asyncio.wait_for(spy.wait(), 30)
@@ -139,8 +137,6 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
                 summary = summarise(raw_path.read_text())
             finally:
                 await daemon.stop()
-                await api.delete(f"/api/vhosts/{esc(vhost)}")
-                await admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     return {"messages": sizes.messages, "drain_msg_per_s": round((rows - first) / seconds), **summary}
 
 

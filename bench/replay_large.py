@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 
 from bench import baseline, replay
-from bench.common import EXCHANGE, MANAGEMENT, POSTGRES, Sizes, admin_sql, esc, git_state, log
+from bench.common import EXCHANGE, MANAGEMENT, Sizes, git_state, log, scratch_database, scratch_vhost
 from rabbit_archive.archive import queries
 from rabbit_archive.archive.amqp_codec import Properties, encode_properties
 from rabbit_archive.archive.migrate import apply_migrations
@@ -71,21 +71,15 @@ async def fill(database_url: str, vhost: str, sizes: Sizes) -> float:
 async def measure(sizes: Sizes) -> dict[str, Any]:
     """Fill, publish, replay; the vhost and database are removed whatever happens."""
     tag = uuid.uuid4().hex[:8]
-    vhost, database = f"bench-replay-large-{tag}", f"bench_replay_large_{tag}"
-    database_url = f"{POSTGRES}/{database}"
-    async with httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api:
-        (await api.put(f"/api/vhosts/{esc(vhost)}")).raise_for_status()
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        (await api.put(f"/api/permissions/{esc(vhost)}/guest", json=everything)).raise_for_status()
-        await admin_sql(f'CREATE DATABASE "{database}"')
-        try:
-            fill_s = await fill(database_url, vhost, sizes)
-            publisher = await baseline.publisher(vhost, sizes)
-            with tempfile.TemporaryFile() as output:
-                replayed = await replay.run(vhost, database_url, sizes, False, output)
-        finally:
-            await api.delete(f"/api/vhosts/{esc(vhost)}")
-            await admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    async with (
+        httpx.AsyncClient(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=10) as api,
+        scratch_vhost(api, f"bench-replay-large-{tag}") as vhost,
+        scratch_database(f"bench_replay_large_{tag}") as database_url,
+    ):
+        fill_s = await fill(database_url, vhost, sizes)
+        publisher = await baseline.publisher(vhost, sizes)
+        with tempfile.TemporaryFile() as output:
+            replayed = await replay.run(vhost, database_url, sizes, False, output)
     return {
         "messages": sizes.messages,
         "body_size": sizes.body_size,

@@ -15,7 +15,6 @@ Run: .venv/bin/python -m bench.scaling [--messages N] [--rounds R]
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import tempfile
@@ -27,7 +26,17 @@ import asyncpg
 import httpx
 
 from bench.capture import Daemon
-from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, cpu_seconds, esc, git_state, log, publish
+from bench.common import (
+    MANAGEMENT,
+    Sizes,
+    cpu_seconds,
+    esc,
+    git_state,
+    log,
+    publish,
+    scratch_database,
+    scratch_vhost,
+)
 
 EXCHANGES = ("scale-a", "scale-b")
 POLL = 0.2
@@ -68,69 +77,66 @@ async def bound(api: httpx.AsyncClient, vhost: str, queue: str, exchanges: tuple
 async def layout_round(api: httpx.AsyncClient, name: str, sizes: Sizes) -> dict[str, Any]:
     """Prepare a vhost and database for the layout, drain N messages, remove both again."""
     tag = uuid.uuid4().hex[:8]
-    vhost, database = f"bench-scale-{name}-{tag}", f"bench_scale_{name}_{tag}"
-    database_url = f"{POSTGRES}/{database}"
-    (await api.put(f"/api/vhosts/{esc(vhost)}")).raise_for_status()
-    everything = {"configure": ".*", "write": ".*", "read": ".*"}
-    (await api.put(f"/api/permissions/{esc(vhost)}/guest", json=everything)).raise_for_status()
-    await admin_sql(f'CREATE DATABASE "{database}"')
-    with tempfile.TemporaryFile() as output:
-        daemons = [Daemon(vhost, database_url, output, settings=extra) for extra in LAYOUTS[name]]
-        try:
-            for exchange in EXCHANGES:
-                topic = {"type": "topic", "durable": True}
-                (await api.put(f"/api/exchanges/{esc(vhost)}/{exchange}", json=topic)).raise_for_status()
-            for daemon, extra in zip(daemons, LAYOUTS[name], strict=True):
-                await daemon.start()
-                queue = extra.get("QUEUE", "rabbit-archive")
-                wanted = (extra["INCLUDE"],) if "INCLUDE" in extra else EXCHANGES
-                deadline = time.monotonic() + 60
-                while not await bound(api, vhost, queue, wanted):
-                    daemon.check_running()
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{name}: queue {queue} not bound after 60 s")
-                    await asyncio.sleep(0.1)
-            for daemon in daemons:
-                await daemon.stop()
-            half = Sizes(sizes.messages // 2, sizes.body_size)
-            for exchange in EXCHANGES:
-                await publish(vhost, half, exchange=exchange)
-            total = 2 * half.messages
-            database_connection = await asyncpg.connect(database_url)
+    async with (
+        scratch_vhost(api, f"bench-scale-{name}-{tag}") as vhost,
+        scratch_database(f"bench_scale_{name}_{tag}") as database_url,
+    ):
+        with tempfile.TemporaryFile() as output:
+            daemons = [Daemon(vhost, database_url, output, settings=extra) for extra in LAYOUTS[name]]
             try:
-                pids = [await daemon.start() for daemon in daemons]
-                first: tuple[float, int, float] | None = None  # when, rows then, CPU seconds then
-                while True:
-                    rows = int(await database_connection.fetchval(ROWS))
-                    now = time.perf_counter()
-                    if rows and first is None:
-                        first = (now, rows, sum(cpu_seconds(pid) for pid in pids))
-                    if rows >= total:
-                        break
-                    for daemon in daemons:
+                for exchange in EXCHANGES:
+                    topic = {"type": "topic", "durable": True}
+                    (await api.put(f"/api/exchanges/{esc(vhost)}/{exchange}", json=topic)).raise_for_status()
+                for daemon, extra in zip(daemons, LAYOUTS[name], strict=True):
+                    await daemon.start()
+                    queue = extra.get("QUEUE", "rabbit-archive")
+                    wanted = (extra["INCLUDE"],) if "INCLUDE" in extra else EXCHANGES
+                    deadline = time.monotonic() + 60
+                    while not await bound(api, vhost, queue, wanted):
                         daemon.check_running()
-                    await asyncio.sleep(POLL)
-                cpu = sum(cpu_seconds(pid) for pid in pids)
-                assert first is not None
-                late = sum(
-                    out_of_order(list(row["seqs"])) for row in await database_connection.fetch(SEQUENCES)
-                )
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{name}: queue {queue} not bound after 60 s")
+                        await asyncio.sleep(0.1)
+                for daemon in daemons:
+                    await daemon.stop()
+                half = Sizes(sizes.messages // 2, sizes.body_size)
+                for exchange in EXCHANGES:
+                    await publish(vhost, half, exchange=exchange)
+                total = 2 * half.messages
+                database_connection = await asyncpg.connect(database_url)
+                try:
+                    pids = [await daemon.start() for daemon in daemons]
+                    first: tuple[float, int, float] | None = None  # when, rows then, CPU seconds then
+                    while True:
+                        rows = int(await database_connection.fetchval(ROWS))
+                        now = time.perf_counter()
+                        if rows and first is None:
+                            first = (now, rows, sum(cpu_seconds(pid) for pid in pids))
+                        if rows >= total:
+                            break
+                        for daemon in daemons:
+                            daemon.check_running()
+                        await asyncio.sleep(POLL)
+                    cpu = sum(cpu_seconds(pid) for pid in pids)
+                    assert first is not None
+                    late = sum(
+                        out_of_order(list(row["seqs"])) for row in await database_connection.fetch(SEQUENCES)
+                    )
+                finally:
+                    await database_connection.close()
+                if first[1] >= total:
+                    raise RuntimeError(
+                        f"{name}: all {total} rows arrived within one poll: use more --messages"
+                    )
+                return {
+                    "msg_per_s": (total - first[1]) / (now - first[0]),
+                    # From the first row on: start-up (imports, connecting, binding) is not per message.
+                    "cpu_s_per_10k_msgs": (cpu - first[2]) / (total - first[1]) * 10_000,
+                    "out_of_order_share": late / total,
+                }
             finally:
-                await database_connection.close()
-            if first[1] >= total:
-                raise RuntimeError(f"{name}: all {total} rows arrived within one poll: use more --messages")
-            return {
-                "msg_per_s": (total - first[1]) / (now - first[0]),
-                # From the first row on: start-up (imports, connecting, binding) is not per message.
-                "cpu_s_per_10k_msgs": (cpu - first[2]) / (total - first[1]) * 10_000,
-                "out_of_order_share": late / total,
-            }
-        finally:
-            for daemon in daemons:
-                await daemon.stop()
-            with contextlib.suppress(httpx.HTTPError):
-                await api.delete(f"/api/vhosts/{esc(vhost)}")
-            await admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                for daemon in daemons:
+                    await daemon.stop()
 
 
 async def measure(sizes: Sizes, rounds: int) -> dict[str, Any]:

@@ -8,10 +8,8 @@ with or without planner statistics.
 """
 
 import asyncio
-import json
 import random
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +30,11 @@ from rabbit_archive.capture.store import PostgresStore
 from rabbit_archive.replay import selection
 from rabbit_archive.replay.filters import Filters, where_clause
 from tests.integration.test_redelivery import store  # noqa: F401  (the migrated-store fixture)
+from tests.integration.test_selection_watermark import (
+    buffers,
+    explain,
+    reader,  # noqa: F401  (a fixture)
+)
 
 pytestmark = pytest.mark.integration
 
@@ -146,16 +149,6 @@ DAYS = 3
 ROWS_PER_DAY = 100_000
 
 
-@pytest.fixture
-async def reader(database_url: str, store: PostgresStore) -> AsyncIterator[asyncpg.Connection]:  # noqa: F811
-    connection = await asyncpg.connect(database_url)
-    await selection.setup_codecs(connection)
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
 async def seed_days(connection: asyncpg.Connection) -> datetime:
     """ROWS_PER_DAY rows spread over each of DAYS past days, ids in capture order; the last row's time."""
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -188,18 +181,10 @@ def plan_nodes(plan: Any) -> list[Any]:
     return nodes
 
 
-async def explain(connection: asyncpg.Connection, query: str, *args: Any) -> Any:
-    text = await connection.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, *args)
-    return json.loads(text)[0]["Plan"]
-
-
-def buffers(plan: Any) -> int:
-    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])
-
-
 @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 async def test_find_of_two_hours_reads_only_their_pages_without_statistics(
-    reader: asyncpg.Connection, plan_mode: str
+    reader: asyncpg.Connection,  # noqa: F811
+    plan_mode: str,
 ) -> None:
     last = await seed_days(reader)
     await reader.execute(f"SET plan_cache_mode = {plan_mode}")
@@ -256,7 +241,7 @@ async def test_find_of_two_hours_reads_only_their_pages_without_statistics(
 
 async def test_closed_days_are_analysed_once_and_today_is_left_alone(
     store: PostgresStore,  # noqa: F811
-    reader: asyncpg.Connection,
+    reader: asyncpg.Connection,  # noqa: F811
 ) -> None:
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     await reader.execute(queries.ENSURE_PARTITIONS, (today - timedelta(days=3)).date(), 4)
@@ -281,7 +266,8 @@ async def test_closed_days_are_analysed_once_and_today_is_left_alone(
 
 @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 async def test_a_page_of_one_exchange_reads_only_its_rows_without_statistics(
-    reader: asyncpg.Connection, plan_mode: str
+    reader: asyncpg.Connection,  # noqa: F811
+    plan_mode: str,
 ) -> None:
     await seed_days(reader)  # every row is of exchange 'orders': the densest selection there is
     await reader.execute(f"SET plan_cache_mode = {plan_mode}")
