@@ -28,6 +28,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.acceptance.test_least_privilege import database_name, dropped_roles
@@ -107,6 +108,13 @@ def until(driver: webdriver.Chrome, css: str) -> list[WebElement]:
         lambda d: d.find_elements(By.CSS_SELECTOR, css), message=f"no {css} on {driver.current_url}"
     )
     return found
+
+
+def search(driver: webdriver.Chrome) -> None:
+    """Submit the search form and wait for the new page: the old one also has a chart and rows."""
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.ID, "search-button").click()
+    WebDriverWait(driver, WAIT).until(staleness_of(old_page), message="the search page did not load")
 
 
 def assert_no_script_ran(driver: webdriver.Chrome) -> None:
@@ -211,7 +219,7 @@ def test_search_filter_open_a_message_see_the_chart_preview_and_history(
     # Filter by exchange and header through the form, as a person would.
     browser.find_element(By.CSS_SELECTOR, "input[name=exchange]").send_keys("orders")
     browser.find_element(By.CSS_SELECTOR, "input[name=header]").send_keys("tenant=acme")
-    browser.find_element(By.ID, "search-button").click()
+    search(browser)
     WebDriverWait(browser, WAIT).until(lambda d: "header=tenant%3Dacme" in d.current_url)
     until(browser, "#traffic svg rect")
     WebDriverWait(browser, WAIT).until(
@@ -363,7 +371,7 @@ def test_hostile_names_headers_and_bodies_show_as_text_and_no_script_runs(
     browser.get(console.url + "/")
     browser.find_element(By.CSS_SELECTOR, "input[name=exchange]").send_keys(HOSTILE_EXCHANGE)
     browser.find_element(By.CSS_SELECTOR, "input[name=header]").send_keys(f"tenant={HOSTILE_HEADER_VALUE}")
-    browser.find_element(By.ID, "search-button").click()
+    search(browser)
     until(browser, "#traffic svg rect")
     rows = browser.find_elements(By.CSS_SELECTOR, "table.messages tbody tr")
     assert len(rows) == 1
