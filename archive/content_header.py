@@ -12,7 +12,9 @@ Nothing global is replaced: `RawFrames` wraps the frame receiver of one connecti
 """
 
 import asyncio
+import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import aiormq.exceptions
@@ -28,6 +30,8 @@ _U64 = struct.Struct(">Q")
 _DELIVER = (60, 60)
 _RETURN = (60, 50)
 _GET_OK = (60, 71)
+
+log = logging.getLogger(__name__)
 
 
 class RawContentHeader(header.ContentHeader):
@@ -125,12 +129,52 @@ def unmarshal(data: bytes) -> tuple[int, int, Any]:
         raise aiormq.exceptions.InvalidFrameError(str(error)) from error
 
 
-class RawFrames:
-    """aiormq's frame receiver for one connection, decoding with `unmarshal` above."""
+# Called for each delivery to a consumer registered with RawFrames.deliver_directly:
+# (delivery_tag, redelivered, exchange, routing_key, property bytes, body).
+DirectCallback = Callable[[int, bool, str, str, bytes, bytes], None]
+# Bytes asked of the socket per read: many deliveries per read, one read per await.
+READ_SIZE = 256 * 1024
+_FRAME_END = 0xCE
+_DELIVER_ID = _METHOD_ID.pack(*_DELIVER)
+_DELIVER_FIELDS = struct.Struct(">QB")
 
-    def __init__(self, receiver: Any) -> None:
+
+class _Content:
+    """A delivery to a direct consumer whose header or body frames are still to come."""
+
+    __slots__ = ("body_size", "callback", "delivery", "parts", "properties", "received")
+
+    def __init__(self, callback: DirectCallback, delivery: tuple[int, bool, str, str]) -> None:
+        self.callback = callback
+        self.delivery = delivery
+        self.properties: bytes | None = None
+        self.body_size = 0
+        self.received = 0
+        self.parts: list[bytes] = []
+
+
+class RawFrames:
+    """aiormq's frame receiver for one connection, decoding with `unmarshal` above.
+
+    It reads the socket in bulk (up to READ_SIZE bytes per read) and parses every whole frame
+    those bytes hold. Deliveries to a consumer registered with `deliver_directly` never become
+    frames for aiormq: their method, header and body frames are parsed here, with struct on the
+    bytes as read, and the consumer's function is called with the delivery's fields at once, in
+    the order the broker sent them. Every other frame goes to aiormq, one per `get_frame`.
+    AMQP lets another channel's frames come between a delivery's own, so a delivery's content is
+    collected per channel.
+    """
+
+    def __init__(self, receiver: Any, on_frames_read: Callable[[], None] | None = None) -> None:
         self._reader: asyncio.StreamReader = receiver.reader
         self._lock: asyncio.Lock = receiver.lock
+        # Called after direct deliveries were read: aiormq counts the time since the last frame it
+        # saw to tell a stuck connection, and it sees none of those.
+        self._on_frames_read = on_frames_read
+        self._data = b""
+        self._position = 0
+        self._direct: dict[int, dict[str, DirectCallback]] = {}
+        self._content: dict[int, _Content] = {}
 
     def __aiter__(self) -> "RawFrames":
         return self
@@ -138,20 +182,122 @@ class RawFrames:
     async def __anext__(self) -> tuple[int, int, Any]:
         return await self.get_frame()
 
+    def deliver_directly(self, channel: int, consumer_tag: str, callback: DirectCallback) -> None:
+        """From now on, call `callback` for each delivery to `consumer_tag` on `channel`."""
+        self._direct.setdefault(channel, {})[consumer_tag] = callback
+
+    def stop_delivering(self, channel: int, consumer_tag: str) -> None:
+        """Forget a direct consumer (its channel closed); a delivery half read is dropped."""
+        consumers = self._direct.get(channel, {})
+        consumers.pop(consumer_tag, None)
+        if not consumers:
+            self._direct.pop(channel, None)
+            self._content.pop(channel, None)
+
     async def get_frame(self) -> tuple[int, int, Any]:
-        """The next frame; the same errors as aiormq's own receiver."""
-        if self._reader.at_eof():
+        """The next frame for aiormq; the same errors as aiormq's own receiver."""
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            await self._read()
+
+    async def _read(self) -> None:
+        rest = self._data[self._position :]
+        if not rest and not self._content and self._reader.at_eof():
             raise StopAsyncIteration
         async with self._lock:
             try:
-                prefix = await self._reader.readexactly(7)
-                _, _, size = _FRAME_PREFIX.unpack(prefix)
-                rest = await self._reader.readexactly(size + 1)
-            except asyncio.IncompleteReadError as error:
-                raise aiormq.exceptions.AMQPConnectionError(
-                    f"Server connection unexpectedly closed. Read {len(error.partial)} bytes "
-                    f"but {error.expected} bytes expected"
-                ) from error
+                chunk = await self._reader.read(READ_SIZE)
             except OSError as error:
                 raise aiormq.exceptions.AMQPConnectionError(f"communication error: {error!r}") from error
-        return unmarshal(prefix + rest)
+        if not chunk:
+            raise aiormq.exceptions.AMQPConnectionError(
+                f"Server connection unexpectedly closed, {len(rest)} bytes into a frame"
+                + (" or inside a delivery" if self._content else "")
+            )
+        self._data = rest + chunk if rest else chunk
+        self._position = 0
+
+    def _parse(self) -> tuple[int, int, Any] | None:
+        """The next frame for aiormq among the bytes read, after every direct delivery before it;
+        None when the bytes end first."""
+        data = self._data
+        position = self._position
+        length = len(data)
+        content = self._content
+        direct = self._direct
+        read_directly = False
+        frame: tuple[int, int, Any] | None = None
+        try:
+            while position + 8 <= length:
+                frame_type, channel, size = _FRAME_PREFIX.unpack_from(data, position)
+                start = position + 7
+                end = start + size
+                if end >= length:
+                    break
+                if data[end] != _FRAME_END:
+                    raise aiormq.exceptions.InvalidFrameError("malformed frame: no frame-end octet")
+                pending = content.get(channel)
+                if pending is not None:
+                    position = end + 1
+                    read_directly = True
+                    self._add_content(channel, pending, frame_type, data, start, end)
+                    continue
+                if (
+                    frame_type == constants.FRAME_METHOD
+                    and channel in direct
+                    and data[start : start + 4] == _DELIVER_ID
+                ):
+                    delivery = self._deliver(channel, data, start + 4)
+                    if delivery is not None:
+                        position = end + 1
+                        read_directly = True
+                        continue
+                frame = unmarshal(data[position : end + 1])
+                position = end + 1
+                break
+        except (struct.error, IndexError, ValueError) as error:
+            raise aiormq.exceptions.InvalidFrameError(f"malformed frame: {error}") from None
+        finally:
+            self._position = position
+            if read_directly and self._on_frames_read is not None:
+                self._on_frames_read()
+        return frame
+
+    def _deliver(self, channel: int, data: bytes, position: int) -> _Content | None:
+        """Start collecting a basic.deliver to a direct consumer; None for any other consumer."""
+        read = _Reader(data, position)
+        callback = self._direct[channel].get(read.shortstr())
+        if callback is None:
+            return None
+        delivery_tag, flags = _DELIVER_FIELDS.unpack_from(data, read.position)
+        read.position += _DELIVER_FIELDS.size
+        pending = _Content(callback, (delivery_tag, bool(flags & 1), read.shortstr(), read.shortstr()))
+        self._content[channel] = pending
+        return pending
+
+    def _add_content(
+        self, channel: int, pending: _Content, frame_type: int, data: bytes, start: int, end: int
+    ) -> None:
+        if frame_type == constants.FRAME_HEADER and pending.properties is None:
+            (pending.body_size,) = _U64.unpack_from(data, start + 4)
+            pending.properties = data[start + 12 : end]
+        elif frame_type == constants.FRAME_BODY and pending.properties is not None:
+            pending.parts.append(data[start:end])
+            pending.received += end - start
+        else:
+            raise aiormq.exceptions.InvalidFrameError(
+                f"malformed frame: type {frame_type} inside a delivery's content on channel {channel}"
+            )
+        if pending.properties is None or pending.received < pending.body_size:
+            return
+        if pending.received > pending.body_size:
+            raise aiormq.exceptions.InvalidFrameError("malformed frame: a body longer than its header says")
+        del self._content[channel]
+        parts = pending.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            pending.callback(*pending.delivery, pending.properties, body)
+        except Exception:
+            log.exception("consumer_callback_failed")

@@ -10,7 +10,6 @@ from typing import Any, cast
 
 import aiormq
 import aiormq.abc
-from pamqp import commands
 
 from rabbit_archive.archive import content_header, frames
 from rabbit_archive.archive.amqp_codec import CodecError, decode_properties, text_view
@@ -306,12 +305,14 @@ class VhostCapture:
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            # The archive consumer only ever receives Basic.Deliver frames.
-            delivery = cast(commands.Basic.Deliver, message.delivery)
-            exchange: str = delivery.exchange or ""
-            routing_key: str = delivery.routing_key or ""
-            properties_raw = content_header.raw_properties(message.header)
+        def on_message(
+            delivery_tag: int,
+            redelivered: bool,
+            exchange: str,
+            routing_key: str,
+            properties_raw: bytes,
+            body: bytes,
+        ) -> None:
             if firehose_source and exchange == firehose.TRACE_EXCHANGE:
                 traced = firehose.original_message(properties_raw)
                 if traced is not None:
@@ -322,17 +323,7 @@ class VhostCapture:
                     if traced.lost is not None:
                         # The broker's copy lost a property: the copy itself is stored, flagged.
                         self._metrics.trace_properties_lost.labels(self._vhost).inc()
-            # Basic.Deliver always carries a tag.
-            batcher.add(
-                Delivery(
-                    delivery.delivery_tag,  # type: ignore[arg-type]
-                    delivery.redelivered,
-                    exchange,
-                    routing_key,
-                    properties_raw,
-                    message.body,
-                )
-            )
+            batcher.add(Delivery(delivery_tag, redelivered, exchange, routing_key, properties_raw, body))
             # An idle writer takes it at once; a busy one with the next batch (group commit).
             wake.set()
             if batcher.bytes >= settings.buffer_max_bytes:
@@ -418,9 +409,7 @@ class VhostCapture:
             return
         with gate.held_open():
             await channel.basic_cancel(consumer_tag)
-        # Deliveries that arrived before CancelOk are still queued as callback tasks.
-        for _ in range(3):
-            await asyncio.sleep(0)
+        # Deliveries that arrived before CancelOk were read (and batched) before it.
         while len(batcher):
             await self._flush(channel, acks, batcher, gate)
         if self._acks.has_unfenced:
