@@ -9,6 +9,7 @@ something is buffered. No timer decides when a batch goes: the writer's own pace
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -21,6 +22,8 @@ class Delivery:
     routing_key: str
     properties_raw: bytes
     body: bytes
+    # What the store worked out ahead for this delivery (ArchiveStore.prepare), if anything.
+    prepared: Any = None
 
     @property
     def size(self) -> int:

@@ -304,6 +304,7 @@ class VhostCapture:
         firehose_source = settings.source in ("firehose", "bindings+default")
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
+        store, vhost = self._store, self._vhost
 
         def on_message(
             delivery_tag: int,
@@ -323,7 +324,14 @@ class VhostCapture:
                     if traced.lost is not None:
                         # The broker's copy lost a property: the copy itself is stored, flagged.
                         self._metrics.trace_properties_lost.labels(self._vhost).inc()
-            batcher.add(Delivery(delivery_tag, redelivered, exchange, routing_key, properties_raw, body))
+            delivery = Delivery(delivery_tag, redelivered, exchange, routing_key, properties_raw, body)
+            try:
+                # While an earlier batch commits, this work overlaps the database's.
+                store.prepare(vhost, delivery)
+            except Exception:
+                # The writer does it again and meets the error where a batch's errors are handled.
+                log.exception("prepare_failed", extra={"vhost": vhost})
+            batcher.add(delivery)
             # An idle writer takes it at once; a busy one with the next batch (group commit).
             wake.set()
             if batcher.bytes >= settings.buffer_max_bytes:

@@ -75,6 +75,9 @@ class ArchiveStore(Protocol):
     async def forget_pending(self, batch_ids: Sequence[int]) -> None:
         """Drop the redelivery fingerprints of batches whose acknowledgement was processed."""
 
+    def prepare(self, vhost: str, delivery: Delivery) -> None:
+        """Do ahead, as the delivery arrives, the per-message work of writing it (kept on it)."""
+
 
 def identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> tuple[bytes, bytes]:
     """The property bytes to store and the fingerprint that recognises the message's redelivery.
@@ -97,9 +100,12 @@ def identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> t
 
 @dataclass(slots=True)
 class _Prepared:
-    delivery: Delivery
-    properties_raw: bytes
+    # No reference back to the delivery: the delivery holds this, and a cycle would keep large
+    # bodies alive until the garbage collector's next pass instead of freeing them with the batch.
+    redelivered: bool
+    body_size: int
     fingerprint: bytes
+    record: tuple[Any, ...]
 
 
 # SQLSTATE classes caused by the data itself (22 data exception, 54 program limit exceeded):
@@ -123,9 +129,22 @@ class PostgresStore:
         # header of that name on any other delivery is the producer's and is kept.
         self._strip_delivery_count = strip_delivery_count
 
+    def prepare(self, vhost: str, delivery: Delivery) -> None:
+        """Fingerprint and COPY record of a delivery, worked out as it arrives.
+
+        The consumer calls this for each delivery, so that the work is done while the batch
+        before it commits instead of in the writer's turn, when nothing else can go on.
+        """
+        delivery.prepared = self._prepare(vhost, delivery)
+
     def _prepare(self, vhost: str, delivery: Delivery) -> _Prepared:
+        if isinstance(delivery.prepared, _Prepared):
+            return delivery.prepared
         properties_raw, digest = identify(vhost, delivery, strip_delivery_count=self._strip_delivery_count)
-        return _Prepared(delivery, properties_raw, digest)
+        exchange, routing_key = delivery.exchange, delivery.routing_key
+        redelivered, body = delivery.redelivered, delivery.body
+        record = message_row(vhost, exchange, routing_key, redelivered, properties_raw, body)
+        return _Prepared(redelivered, len(body), digest, record)
 
     async def write_batch(
         self,
@@ -199,7 +218,7 @@ class PostgresStore:
     ) -> WriteResult:
         result = WriteResult()
         already_stored: Counter[bytes] = Counter()
-        redelivered = [item.fingerprint for item in prepared if item.delivery.redelivered]
+        redelivered = [item.fingerprint for item in prepared if item.redelivered]
         if redelivered:
             claimed = await connection.fetch(
                 queries.CLAIM_PENDING, redelivered, owner.batch_id, owner.session_id
@@ -208,25 +227,17 @@ class PostgresStore:
         records: list[tuple[Any, ...]] = []
         pending: list[tuple[bytes, int, int, str]] = []
         for item in prepared:
-            delivery = item.delivery
-            if delivery.redelivered and already_stored[item.fingerprint]:
+            if item.redelivered and already_stored[item.fingerprint]:
                 already_stored[item.fingerprint] -= 1
                 result.duplicates += 1
                 continue
-            record = message_row(
-                vhost,
-                delivery.exchange,
-                delivery.routing_key,
-                delivery.redelivered,
-                item.properties_raw,
-                delivery.body,
-            )
+            record = item.record
             records.append((*record, owner.captured_at))
             pending.append(owner.row(item.fingerprint))
             result.stored += 1
             # Keyed by the stored text of the name: always printable, safe as a metric label.
             result.stored_by_exchange[record[_EXCHANGE]] += 1
-            result.stored_bytes[record[_EXCHANGE]] += len(delivery.body)
+            result.stored_bytes[record[_EXCHANGE]] += item.body_size
         await _copy(connection, records, pending)
         return result
 
@@ -239,17 +250,7 @@ class PostgresStore:
         error: BaseException,
     ) -> WriteResult:
         """Store one message whose views PostgreSQL refused: raw bytes kept, views replaced."""
-        delivery = item.delivery
-        row = list(
-            message_row(
-                vhost,
-                delivery.exchange,
-                delivery.routing_key,
-                delivery.redelivered,
-                item.properties_raw,
-                delivery.body,
-            )
-        )
+        row = list(item.record)
         reason = describe(error)
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
@@ -259,7 +260,7 @@ class PostgresStore:
         return WriteResult(
             stored=1,
             unstorable=1,
-            stored_bytes=Counter({stored_exchange: len(delivery.body)}),
+            stored_bytes=Counter({stored_exchange: item.body_size}),
             stored_by_exchange=Counter({stored_exchange: 1}),
         )
 

@@ -36,6 +36,9 @@ class MemoryStore:
         fault, self.fault = self.fault, None
         return fault
 
+    def prepare(self, vhost: str, delivery: Delivery) -> None:
+        """Nothing to do ahead: rows are made in write_batch."""
+
     async def write_batch(
         self,
         vhost: str,
