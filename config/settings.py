@@ -151,8 +151,8 @@ class Settings(BaseSettings):
     replay_confirm_count_above: int = Field(default=10000, ge=0)
     # Publish replays into another broker or vhost (README "Incident replays"); the archive stays.
     replay_target_url: str | None = Field(default=None, repr=False)
-    prefetch: int = Field(default=4000, ge=1, le=65535)
-    batch_size: int = Field(default=1000, ge=1)
+    prefetch: int = Field(default=8000, ge=1, le=65535)
+    batch_size: int = Field(default=4000, ge=1)
     batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     # Bytes of unacknowledged deliveries the daemon aims to hold: prefetch shrinks for large messages.
     buffer_max_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
