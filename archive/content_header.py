@@ -173,7 +173,8 @@ class RawFrames:
         self._on_frames_read = on_frames_read
         self._data = b""
         self._position = 0
-        self._direct: dict[int, dict[str, DirectCallback]] = {}
+        # Per channel, the direct consumers by their tag's bytes (as a deliver frame carries it).
+        self._direct: dict[int, dict[bytes, DirectCallback]] = {}
         self._content: dict[int, _Content] = {}
 
     def __aiter__(self) -> "RawFrames":
@@ -184,12 +185,12 @@ class RawFrames:
 
     def deliver_directly(self, channel: int, consumer_tag: str, callback: DirectCallback) -> None:
         """From now on, call `callback` for each delivery to `consumer_tag` on `channel`."""
-        self._direct.setdefault(channel, {})[consumer_tag] = callback
+        self._direct.setdefault(channel, {})[consumer_tag.encode("utf-8", "surrogateescape")] = callback
 
     def stop_delivering(self, channel: int, consumer_tag: str) -> None:
         """Forget a direct consumer (its channel closed); a delivery half read is dropped."""
         consumers = self._direct.get(channel, {})
-        consumers.pop(consumer_tag, None)
+        consumers.pop(consumer_tag.encode("utf-8", "surrogateescape"), None)
         if not consumers:
             self._direct.pop(channel, None)
             self._content.pop(channel, None)
@@ -249,9 +250,9 @@ class RawFrames:
                     and channel in direct
                     and data[start : start + 4] == _DELIVER_ID
                 ):
-                    delivery = self._deliver(channel, data, start + 4)
-                    if delivery is not None:
-                        position = end + 1
+                    after = self._deliver(channel, data, start, end)
+                    if after is not None:
+                        position = after
                         read_directly = True
                         continue
                 frame = unmarshal(data[position : end + 1])
@@ -265,22 +266,73 @@ class RawFrames:
                 self._on_frames_read()
         return frame
 
-    def _deliver(self, channel: int, data: bytes, position: int) -> _Content | None:
-        """Start collecting a basic.deliver to a direct consumer; None for any other consumer."""
-        read = _Reader(data, position)
-        callback = self._direct[channel].get(read.shortstr())
+    def _deliver(self, channel: int, data: bytes, start: int, end: int) -> int | None:
+        """A basic.deliver whose arguments are data[start:end]: None when it is not for a direct
+        consumer, else the position after what was read of it.
+
+        Its header and its one body frame usually follow at once in the same read: they are
+        parsed here and the consumer called. Otherwise (a body of several frames, another
+        channel's frame in between, bytes still to come) the content is collected frame by frame.
+        """
+        position = start + 4
+        tag_end = position + 1 + data[position]
+        callback = self._direct[channel].get(data[position + 1 : tag_end])
         if callback is None:
             return None
-        delivery_tag, flags = _DELIVER_FIELDS.unpack_from(data, read.position)
-        read.position += _DELIVER_FIELDS.size
-        pending = _Content(callback, (delivery_tag, bool(flags & 1), read.shortstr(), read.shortstr()))
-        self._content[channel] = pending
-        return pending
+        delivery_tag, flags = _DELIVER_FIELDS.unpack_from(data, tag_end)
+        position = tag_end + _DELIVER_FIELDS.size
+        exchange_end = position + 1 + data[position]
+        routing_key_end = exchange_end + 1 + data[exchange_end]
+        if routing_key_end > end:
+            raise ValueError("short string runs past the frame")
+        exchange = data[position + 1 : exchange_end].decode("utf-8", "surrogateescape")
+        routing_key = data[exchange_end + 1 : routing_key_end].decode("utf-8", "surrogateescape")
+        header = end + 1
+        length = len(data)
+        if header + 8 <= length:
+            header_type, header_channel, header_size = _FRAME_PREFIX.unpack_from(data, header)
+            header_end: int = header + 7 + header_size
+            if (
+                header_type == constants.FRAME_HEADER
+                and header_channel == channel
+                and header_size >= 12
+                and header_end < length
+                and data[header_end] == _FRAME_END
+            ):
+                (body_size,) = _U64.unpack_from(data, header + 11)
+                properties = data[header + 19 : header_end]
+                body: int = header_end + 1
+                if body_size == 0:
+                    _call(callback, delivery_tag, bool(flags & 1), exchange, routing_key, properties, b"")
+                    return body
+                if body + 8 <= length:
+                    body_type, body_channel, size = _FRAME_PREFIX.unpack_from(data, body)
+                    body_end: int = body + 7 + size
+                    if (
+                        body_type == constants.FRAME_BODY
+                        and body_channel == channel
+                        and size == body_size
+                        and body_end < length
+                        and data[body_end] == _FRAME_END
+                    ):
+                        content = data[body + 7 : body_end]
+                        _call(
+                            callback,
+                            delivery_tag,
+                            bool(flags & 1),
+                            exchange,
+                            routing_key,
+                            properties,
+                            content,
+                        )
+                        return body_end + 1
+        self._content[channel] = _Content(callback, (delivery_tag, bool(flags & 1), exchange, routing_key))
+        return end + 1
 
     def _add_content(
         self, channel: int, pending: _Content, frame_type: int, data: bytes, start: int, end: int
     ) -> None:
-        if frame_type == constants.FRAME_HEADER and pending.properties is None:
+        if frame_type == constants.FRAME_HEADER and pending.properties is None and end - start >= 12:
             (pending.body_size,) = _U64.unpack_from(data, start + 4)
             pending.properties = data[start + 12 : end]
         elif frame_type == constants.FRAME_BODY and pending.properties is not None:
@@ -297,7 +349,19 @@ class RawFrames:
         del self._content[channel]
         parts = pending.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        try:
-            pending.callback(*pending.delivery, pending.properties, body)
-        except Exception:
-            log.exception("consumer_callback_failed")
+        _call(pending.callback, *pending.delivery, pending.properties, body)
+
+
+def _call(
+    callback: DirectCallback,
+    delivery_tag: int,
+    redelivered: bool,
+    exchange: str,
+    routing_key: str,
+    properties: bytes,
+    body: bytes,
+) -> None:
+    try:
+        callback(delivery_tag, redelivered, exchange, routing_key, properties, body)
+    except Exception:
+        log.exception("consumer_callback_failed")

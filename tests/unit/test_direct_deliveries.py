@@ -263,6 +263,8 @@ def test_a_stream_that_ends_mid_frame_is_a_connection_error(points: list[int], l
             lambda data: data[: data.index(b"\xce") + 1] + frame.marshal(commands.Basic.QosOk(), CHANNEL),
             "type 1",
         ),
+        # A header frame too short for its class, weight and body size.
+        (lambda data: data[: data.index(b"\xce") + 1] + _frame(2, CHANNEL, b"\x00\x3c\x00\x00"), "type 2"),
     ],
 )
 def test_malformed_frames_are_frame_errors(wrong: Any, message: str) -> None:
