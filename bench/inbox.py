@@ -32,6 +32,8 @@ from rabbit_archive.inbox import Connection, Inbox, canonical_form
 PREFETCH = 50
 POOL_SIZE = 10
 MAX_MESSAGES = 12_000  # per variant, over all rounds
+QUICK_MAX_MESSAGES = 6_000  # the same with --quick, which stays under a minute
+QUICK_ROUNDS = 4
 ROUNDS = 6
 VARIANTS = ("plain", "inbox", "inbox_digest")
 EFFECTS = """
@@ -95,16 +97,20 @@ async def drain(
     return sizes.messages / elapsed
 
 
-async def run(vhost: str, database_url: str, sizes: Sizes) -> dict[str, Any]:
-    """ROUNDS rounds of every variant, in alternating order; rates and ratios to the plain consumer."""
-    per_drain = Sizes(max(1, min(sizes.messages, MAX_MESSAGES) // ROUNDS), sizes.body_size)
+async def run(vhost: str, database_url: str, sizes: Sizes, *, quick: bool = False) -> dict[str, Any]:
+    """ROUNDS rounds of every variant (QUICK_ROUNDS, fewer messages: quick), in alternating order;
+    rates and ratios to the plain consumer."""
+    rounds = QUICK_ROUNDS if quick else ROUNDS
+    per_drain = Sizes(
+        max(1, min(sizes.messages, QUICK_MAX_MESSAGES if quick else MAX_MESSAGES) // rounds), sizes.body_size
+    )
     pool = await asyncpg.create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
     try:
         async with pool.acquire() as connection:
             await connection.execute(EFFECTS)
         seconds: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         number = 0
-        for round_number in range(ROUNDS):
+        for round_number in range(rounds):
             for variant in VARIANTS if round_number % 2 == 0 else reversed(VARIANTS):
                 rate = await drain(vhost, pool, per_drain, variant, number)
                 seconds[variant].append(per_drain.messages / rate)
@@ -113,15 +119,15 @@ async def run(vhost: str, database_url: str, sizes: Sizes) -> dict[str, Any]:
             stored = await connection.fetchval("SELECT count(*) FROM bench_effects")
     finally:
         await pool.close()
-    expected = ROUNDS * len(VARIANTS) * per_drain.messages
+    expected = rounds * len(VARIANTS) * per_drain.messages
     if stored != expected:
         raise RuntimeError(f"inbox phase: {stored} effects stored, expected {expected}")
     # Each variant's rate over all its rounds; the ratio also per round, where drift is smallest.
-    rates = {variant: ROUNDS * per_drain.messages / sum(times) for variant, times in seconds.items()}
+    rates = {variant: rounds * per_drain.messages / sum(times) for variant, times in seconds.items()}
     per_round = sorted(plain / inbox for plain, inbox in zip(seconds["plain"], seconds["inbox"], strict=True))
     return {
-        "messages": ROUNDS * per_drain.messages,
-        "rounds": ROUNDS,
+        "messages": rounds * per_drain.messages,
+        "rounds": rounds,
         "prefetch": PREFETCH,
         "pool_size": POOL_SIZE,
         "drain_seconds": seconds,

@@ -93,7 +93,7 @@ async def measure(
                 java_baseline.publisher, vhosts["baseline"], sizes, java
             )
             replayed = await replay.run(vhosts["capture"], database_url, sizes, analyze, output)
-            inboxed = await inbox.run(vhosts["baseline"], database_url, sizes)
+            inboxed = await inbox.run(vhosts["baseline"], database_url, sizes, quick=quick)
             # A quarter of the messages per source and target: eight of them take turns.
             sourced = await sources.run(
                 api,
@@ -299,7 +299,7 @@ def main() -> None:
     """Parse options, run the benchmark once, print the table and write the JSON."""
     started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_MESSAGES} messages, 3 s steady loads")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_MESSAGES} messages, 2 s steady loads")
     parser.add_argument("--messages", type=int, help=f"messages per phase (default {DEFAULT_MESSAGES})")
     parser.add_argument("--body-size", type=int, default=512, help="body bytes per message (default 512)")
     parser.add_argument(
@@ -307,7 +307,7 @@ def main() -> None:
         type=float,
         help=f"one steady load at this msg/s (default: one at each of {STEADY_RATES}, capped at 32 MiB/s)",
     )
-    parser.add_argument("--steady-seconds", type=float, help="steady load duration (default 10, quick 3)")
+    parser.add_argument("--steady-seconds", type=float, help="steady load duration (default 10, quick 2)")
     parser.add_argument(
         "--analyze",
         action="store_true",
@@ -322,7 +322,7 @@ def main() -> None:
         parser.error("--body-size must not be negative")
     sizes = Sizes(count, args.body_size)
     steady_rates = steady_rates_for(args.body_size, args.steady_rate)
-    steady_seconds = args.steady_seconds or (3.0 if args.quick else 10.0)
+    steady_seconds = args.steady_seconds or (2.0 if args.quick else 10.0)
     if min(steady_rates) * steady_seconds < 100:
         parser.error("the steady load needs at least 100 messages: raise --steady-rate or --steady-seconds")
     git = git_state()

@@ -315,7 +315,13 @@ class VhostCapture:
             body: bytes,
         ) -> None:
             if firehose_source and exchange == firehose.TRACE_EXCHANGE:
-                traced = firehose.original_message(properties_raw)
+                try:
+                    traced = firehose.original_message(properties_raw)
+                except Exception:
+                    # This function must not fail: a delivery it drops would be acknowledged with
+                    # the next batch (multiple=True) without being stored. The copy is stored as is.
+                    log.exception("trace_unreadable", extra={"vhost": vhost})
+                    traced = None
                 if traced is not None:
                     # Names as pamqp would have decoded them (see archive.records.name_columns).
                     exchange = traced.exchange.decode("utf-8", "surrogateescape")
