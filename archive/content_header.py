@@ -287,46 +287,22 @@ class RawFrames:
             raise ValueError("short string runs past the frame")
         exchange = data[position + 1 : exchange_end].decode("utf-8", "surrogateescape")
         routing_key = data[exchange_end + 1 : routing_key_end].decode("utf-8", "surrogateescape")
+        redelivered = bool(flags & 1)
         header = end + 1
-        length = len(data)
-        if header + 8 <= length:
-            header_type, header_channel, header_size = _FRAME_PREFIX.unpack_from(data, header)
-            header_end: int = header + 7 + header_size
-            if (
-                header_type == constants.FRAME_HEADER
-                and header_channel == channel
-                and header_size >= 12
-                and header_end < length
-                and data[header_end] == _FRAME_END
-            ):
-                (body_size,) = _U64.unpack_from(data, header + 11)
-                properties = data[header + 19 : header_end]
-                body: int = header_end + 1
-                if body_size == 0:
-                    _call(callback, delivery_tag, bool(flags & 1), exchange, routing_key, properties, b"")
-                    return body
-                if body + 8 <= length:
-                    body_type, body_channel, size = _FRAME_PREFIX.unpack_from(data, body)
-                    body_end: int = body + 7 + size
-                    if (
-                        body_type == constants.FRAME_BODY
-                        and body_channel == channel
-                        and size == body_size
-                        and body_end < length
-                        and data[body_end] == _FRAME_END
-                    ):
-                        content = data[body + 7 : body_end]
-                        _call(
-                            callback,
-                            delivery_tag,
-                            bool(flags & 1),
-                            exchange,
-                            routing_key,
-                            properties,
-                            content,
-                        )
-                        return body_end + 1
-        self._content[channel] = _Content(callback, (delivery_tag, bool(flags & 1), exchange, routing_key))
+        header_end = _whole_frame(data, header, constants.FRAME_HEADER, channel)
+        if header_end is not None and header_end - header - 7 >= 12:
+            (body_size,) = _U64.unpack_from(data, header + 11)
+            properties = data[header + 19 : header_end]
+            body = header_end + 1
+            if body_size == 0:
+                _call(callback, delivery_tag, redelivered, exchange, routing_key, properties, b"")
+                return body
+            body_end = _whole_frame(data, body, constants.FRAME_BODY, channel)
+            if body_end is not None and body_end - body - 7 == body_size:
+                content = data[body + 7 : body_end]
+                _call(callback, delivery_tag, redelivered, exchange, routing_key, properties, content)
+                return body_end + 1
+        self._content[channel] = _Content(callback, (delivery_tag, redelivered, exchange, routing_key))
         return end + 1
 
     def _add_content(
@@ -350,6 +326,18 @@ class RawFrames:
         parts = pending.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         _call(pending.callback, *pending.delivery, pending.properties, body)
+
+
+def _whole_frame(data: bytes, at: int, frame_type: int, channel: int) -> int | None:
+    """Where the frame starting at `at` ends (its frame-end octet), when the bytes hold all of it
+    and it is of that type on that channel; None otherwise."""
+    if at + 8 > len(data):
+        return None
+    kind, on_channel, size = _FRAME_PREFIX.unpack_from(data, at)
+    end: int = at + 7 + size
+    if kind != frame_type or on_channel != channel or end >= len(data) or data[end] != _FRAME_END:
+        return None
+    return end
 
 
 def _call(
