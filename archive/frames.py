@@ -11,6 +11,7 @@ UTF-8 was decoded with surrogate escapes and goes back on the wire as its origin
 """
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiormq
 import aiormq.abc
-from pamqp import base, commands, header
+from pamqp import base, commands
 
 from rabbit_archive.archive import content_header
 from rabbit_archive.archive.amqp_codec import CodecError, FieldValue, Table, encode_table
@@ -140,7 +141,6 @@ _RAW_CLASSES: dict[type[base.Frame], type[base.Frame]] = {
         commands.Exchange.Delete,
         commands.Exchange.Unbind,
         commands.Basic.Consume,
-        commands.Basic.Publish,
         commands.Connection.Open,
     )
 }
@@ -252,25 +252,6 @@ def basic_consume(
     return _method(commands.Basic.Consume, payload, queue=queue, consumer_tag=consumer_tag, nowait=False)
 
 
-def basic_publish(exchange: str, routing_key: str, *, mandatory: bool = False) -> base.Frame:
-    """basic.publish (asynchronous: no reply, a confirm on a confirm channel)."""
-    payload = _SHORT.pack(0) + _shortstr(exchange) + _shortstr(routing_key) + _bits(mandatory, False)
-    return _method(commands.Basic.Publish, payload, exchange=exchange, routing_key=routing_key)
-
-
-class RawProperties:
-    """Basic properties that go on the wire as the given bytes (pamqp calls marshal())."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: bytes) -> None:
-        self._raw = raw
-
-    def marshal(self) -> bytes:
-        """The property flags and values, exactly as given."""
-        return self._raw
-
-
 async def consume(
     channel: aiormq.Channel,
     queue: str,
@@ -327,53 +308,64 @@ async def rpc(channel: aiormq.abc.AbstractChannel, frame: base.Frame) -> Any:
     return await cast(aiormq.Channel, channel).rpc(frame)
 
 
-async def publish(
-    channel: aiormq.Channel,
+# The frames of a publish as bytes: type, channel, size, payload, frame-end (AMQP 0-9-1, 2.3.5).
+_FRAME = struct.Struct(">BHI")
+_CONTENT_HEADER = struct.Struct(">BHIHHQ")  # frame header, then class 60, weight 0, body size
+_FRAME_END = b"\xce"
+# basic.publish's method frames by (exchange, routing key, mandatory): a replay sends many
+# messages to few destinations. Cleared when it grows past this many.
+_PUBLISH_METHODS: dict[tuple[int, str, str, bool], bytes] = {}
+_PUBLISH_METHODS_MAX = 4096
+
+
+def publish_frames(
+    channel: int,
+    frame_max: int,
     exchange: str,
     routing_key: str,
     properties_raw: bytes,
     body: bytes,
     *,
     mandatory: bool = False,
-) -> "asyncio.Future[Any] | None":
-    """Send one message; on a confirm channel return the future aiormq settles with its ack/nack.
-
-    The same bookkeeping as aiormq's basic_publish (one delivery tag per publish, taken
-    under the channel lock so that tags follow the order of frames on the wire), without
-    its name checks.
-    """
-    frames: list[Any] = [
-        basic_publish(exchange, routing_key, mandatory=mandatory),
-        header.ContentHeader(body_size=len(body), properties=RawProperties(properties_raw)),  # type: ignore[arg-type]
-        *channel._split_body(body),
+) -> list[bytes]:
+    """The bytes of one publish on a channel: basic.publish, the content header with the property
+    bytes as given, and the body cut into frames of at most frame_max bytes (NameTooLong for an
+    exchange or routing key over 255 bytes)."""
+    key = (channel, exchange, routing_key, mandatory)
+    method = _PUBLISH_METHODS.get(key)
+    if method is None:
+        # class 60 (basic), method 40 (publish), reserved short, names, mandatory / immediate bits
+        names = _shortstr(exchange) + _shortstr(routing_key)
+        payload = b"\x00\x3c\x00\x28\x00\x00" + names + _bits(mandatory, False)
+        method = _FRAME.pack(1, channel, len(payload)) + payload + _FRAME_END
+        if len(_PUBLISH_METHODS) >= _PUBLISH_METHODS_MAX:
+            _PUBLISH_METHODS.clear()
+        _PUBLISH_METHODS[key] = method
+    size = len(body)
+    parts = [
+        method,
+        _CONTENT_HEADER.pack(2, channel, 12 + len(properties_raw), 60, 0, size),
+        properties_raw,
+        _FRAME_END,
     ]
-    confirmation: asyncio.Future[Any] | None = None
-    async with channel.lock:
-        if channel.is_closed:
-            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
-        # Every publish takes a tag, as in aiormq, so that the broker's confirms line up.
-        channel.delivery_tag += 1
-        if channel.publisher_confirms:
-            confirmation = channel.create_future()
-            channel.confirmations[channel.delivery_tag] = confirmation
-        await channel.write_queue.put(
-            aiormq.abc.ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-        )
-    return confirmation
+    # frame_max counts the frame's 8 bytes of header and end; 0 means no limit.
+    chunk = frame_max - 8 if frame_max > 8 else max(size, 1)
+    for start in range(0, size, chunk):
+        piece = body[start : start + chunk]
+        parts += (_FRAME.pack(3, channel, len(piece)), piece, _FRAME_END)
+    return parts
 
 
 __all__ = [
     "NameTooLong",
-    "RawProperties",
     "Unrepresentable",
     "basic_consume",
-    "basic_publish",
     "consume",
     "exchange_declare",
     "exchange_delete",
     "field_value",
     "name_bytes",
-    "publish",
+    "publish_frames",
     "queue_bind",
     "queue_declare",
     "queue_delete",
@@ -398,6 +390,7 @@ class Connection(aiormq.Connection):
     """
 
     raw_frames: content_header.RawFrames
+    stream_writer: asyncio.StreamWriter
 
     def __init__(self, url: str, *, vhost: str, **kwargs: Any) -> None:
         self._vhost_name = vhost
@@ -412,6 +405,24 @@ class Connection(aiormq.Connection):
     def vhost(self, _parsed: str) -> None:
         # aiormq assigns the vhost it parsed from the URL; the name given explicitly wins.
         pass
+
+    async def _Connection__writer(self, writer: asyncio.StreamWriter) -> None:
+        # Kept for write_now: aiormq hands its writer task the stream and keeps no reference.
+        self.stream_writer = writer
+        await getattr(super(), "_Connection__writer")(writer)  # noqa: B009 - a mangled name
+
+    def write_now(self, data: bytes) -> None:
+        """Write whole frames to the socket at once, beside aiormq's write queue (whole frames
+        never interleave: aiormq's writer also writes each of its frames in one call).
+
+        Bytes for a socket that is already closing are dropped: the connection is lost, and its
+        close fails everything that waits for an answer on it.
+        """
+        writer = self.stream_writer
+        if writer.transport.is_closing():
+            return
+        with contextlib.suppress(RuntimeError, OSError):  # closed between the check and the write
+            writer.write(data)
 
     async def _Connection__reader(self, frame_receiver: Any) -> None:
         # After the handshake every frame of this connection is decoded the archive's way

@@ -1,17 +1,21 @@
-"""Where `rabbit-capture run` spends its time per message: py-spy samples of a backlog drain.
+"""Where `rabbit-capture run` (or `rabbit-replay run`) spends its time per message: py-spy samples.
 
 Publishes N messages (512 random bytes, three headers) to a fresh vhost while the daemon is stopped,
 starts it, waits for its first row, then samples it with py-spy (250 Hz, without pausing it) until
-every row is stored. Each sample goes to the area (AREAS) of its innermost frame that has one; the
-shares of the areas, the functions with the most samples of their own and the drain rate are
-printed as JSON. py-spy cannot see into compiled code: asyncpg's COPY encoding counts where its
-Python caller is. Run: .venv/bin/python -m bench.profile [--messages N]
+every row is stored. With --command replay the drain is not sampled: the daemon stops once every row
+is stored, and `rabbit-replay run --exchange bench --to-queue <fresh quorum queue> --yes` of the N
+archived messages is sampled from start to exit instead. Each sample goes to the area (AREAS or
+REPLAY_AREAS) of its innermost frame that has one; the shares of the areas, the functions with the
+most samples of their own and the rate are printed as JSON. py-spy cannot see into compiled code:
+asyncpg's COPY encoding counts where its Python caller is.
+Run: .venv/bin/python -m bench.profile [--messages N] [--command capture|replay]
 """
 
 import argparse
 import asyncio
 import collections
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,11 +26,23 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import httpx
 
 from bench.capture import Daemon, prepare
-from bench.common import MANAGEMENT, Sizes, git_state, log, publish, scratch_database, scratch_vhost
+from bench.common import (
+    EXCHANGE,
+    MANAGEMENT,
+    Sizes,
+    amqp_url,
+    git_state,
+    log,
+    publish,
+    scratch_database,
+    scratch_vhost,
+)
+from bench.replay import HISTORY, REPLAY, TARGET_QUEUE
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 # (area, what a frame's "function (path)" contains): a sample goes to the area of its innermost frame
@@ -45,6 +61,22 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("batching and acknowledging", "capture/batching.py"),
     ("batching and acknowledging", "capture/read_gate.py"),
 )
+# The replay's areas: where a publish's time goes, from reading the archive to the broker's confirm.
+REPLAY_AREAS: tuple[tuple[str, str], ...] = (
+    ("database: reading pages (asyncpg)", "asyncpg/"),
+    ("database: reading pages (asyncpg)", "replay/selection.py"),
+    ("tagging: properties with the replay headers", "replay/tagging.py"),
+    ("tagging: properties with the replay headers", "archive/amqp_codec.py"),
+    ("tagging: properties with the replay headers", "replay/edits.py"),
+    ("publishing: frames, channel, confirms", "replay/publisher.py"),
+    ("publishing: frames, channel, confirms", "archive/frames.py"),
+    ("publishing: frames, channel, confirms", "archive/content_header.py"),
+    ("aiormq and pamqp: writer, reader, confirm futures", "aiormq/"),
+    ("aiormq and pamqp: writer, reader, confirm futures", "pamqp/"),
+    ("replay loop: window, cursors, history", "replay/runner.py"),
+    ("replay loop: window, cursors, history", "replay/history.py"),
+    ("start-up: imports, preview, connections", "<frozen importlib"),
+)
 EVENT_LOOP = "event loop: scheduling, callbacks, select"
 ROWS = "SELECT count(*) FROM rabbit_archive.messages"
 SAMPLE = re.compile(r"(?P<function>.*) \((?P<path>.*?):\d+\)$")
@@ -61,16 +93,16 @@ def frame_name(frame: str) -> str:
     return f"{match['function']} ({path})"
 
 
-def area_of(stack: list[str]) -> str:
-    """The area of a sample: that of its innermost frame that matches one of AREAS, else EVENT_LOOP."""
+def area_of(stack: list[str], areas: tuple[tuple[str, str], ...] = AREAS) -> str:
+    """The area of a sample: that of its innermost frame that matches one of areas, else EVENT_LOOP."""
     for frame in reversed(stack):
-        for area, needle in AREAS:
+        for area, needle in areas:
             if needle in frame:
                 return area
     return EVENT_LOOP
 
 
-def summarise(raw: str, top: int = 15) -> dict[str, Any]:
+def summarise(raw: str, top: int = 15, areas_of: tuple[tuple[str, str], ...] = AREAS) -> dict[str, Any]:
     """Shares by area and the functions with the most samples of their own, from py-spy's raw output."""
     areas: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
@@ -82,7 +114,7 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
         count = int(count_text)
         stack = [frame_name(frame) for frame in stack_text.split(";")]
         total += count
-        areas[area_of(stack)] += count
+        areas[area_of(stack, areas_of)] += count
         own[stack[-1]] += count
     if not total:
         raise RuntimeError("py-spy took no samples")
@@ -93,8 +125,9 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
     }
 
 
-async def measure(sizes: Sizes) -> dict[str, Any]:
-    """Drain N messages under py-spy in a fresh vhost and database; both removed at the end."""
+async def measure(sizes: Sizes, command: str = "capture", keep_raw: Path | None = None) -> dict[str, Any]:
+    """Drain N messages (under py-spy, or then replay them under it) in a fresh vhost and database;
+    both removed at the end."""
     if not PY_SPY.exists() and shutil.which("py-spy") is None:
         raise RuntimeError("py-spy is not installed: scripts/install test installs it")
     spy_command = str(PY_SPY) if PY_SPY.exists() else "py-spy"
@@ -107,6 +140,16 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile() as output:
             daemon = Daemon(vhost, database_url, output)
             raw_path = Path(folder) / "raw.txt"
+            spy_options = (
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--output",
+                str(raw_path),
+            )
             try:
                 await prepare(api, daemon, vhost)
                 log.log(f"profile: publishing {sizes.messages} messages")
@@ -117,12 +160,12 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
                     while not await connection.fetchval(ROWS):
                         daemon.check_running()
                         await asyncio.sleep(0.05)
-                    spy = await asyncio.create_subprocess_exec(
-                        *(spy_command, "record", "--pid", str(pid), "--format", "raw", "--rate", "250"),
-                        *("--nonblocking", "--output", str(raw_path)),
-                        stdout=asyncio.subprocess.DEVNULL,
-                        stderr=asyncio.subprocess.DEVNULL,
-                    )
+                    spy = None
+                    if command == "capture":
+                        spy = await asyncio.create_subprocess_exec(
+                            spy_command, *spy_options, "--pid", str(pid),
+                            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                        )  # fmt: skip
                     started = time.perf_counter()
                     first = rows = int(await connection.fetchval(ROWS))
                     while rows < sizes.messages:
@@ -130,14 +173,53 @@ async def measure(sizes: Sizes) -> dict[str, Any]:
                         await asyncio.sleep(0.2)
                         rows = int(await connection.fetchval(ROWS))
                     seconds = time.perf_counter() - started
-                    spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                    await asyncio.wait_for(spy.wait(), 30)
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                        await asyncio.wait_for(spy.wait(), 30)
+                        rate = {"drain_msg_per_s": round((rows - first) / seconds)}
+                    else:
+                        await daemon.stop()
+                        rate = await replay_sampled(vhost, database_url, sizes, [spy_command, *spy_options])
+                        rate["replay_msg_per_s"] = round(sizes.messages / rate["publishing_s"])
                 finally:
                     await connection.close()
-                summary = summarise(raw_path.read_text())
+                if keep_raw is not None:
+                    shutil.copyfile(raw_path, keep_raw)
+                summary = summarise(
+                    raw_path.read_text(), areas_of=AREAS if command == "capture" else REPLAY_AREAS
+                )
             finally:
                 await daemon.stop()
-    return {"messages": sizes.messages, "drain_msg_per_s": round((rows - first) / seconds), **summary}
+    return {"command": command, "messages": sizes.messages, **rate, **summary}
+
+
+async def replay_sampled(vhost: str, database_url: str, sizes: Sizes, spy: list[str]) -> dict[str, Any]:
+    """`rabbit-replay run` of the archived backlog into a fresh quorum queue, under py-spy: its span."""
+    async with await aio_pika.connect(amqp_url(vhost)) as broker:
+        channel = await broker.channel()
+        await channel.declare_queue(TARGET_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
+    env |= {
+        "RABBIT_ARCHIVE_AMQP_URL": amqp_url(vhost),
+        "RABBIT_ARCHIVE_DATABASE_URL": database_url,
+        "RABBIT_ARCHIVE_LOG_LEVEL": "WARNING",
+    }
+    log.log(f"profile: replaying {sizes.messages} messages under py-spy")
+    process = await asyncio.create_subprocess_exec(
+        *spy, "--", str(REPLAY), "run", "--exchange", EXCHANGE, "--to-queue", TARGET_QUEUE, "--yes",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        cwd=tempfile.gettempdir(),
+    )  # fmt: skip
+    if await asyncio.wait_for(process.wait(), sizes.timeout()) != 0:
+        raise RuntimeError(f"py-spy or rabbit-replay exited {process.returncode}")
+    database = await asyncpg.connect(database_url)
+    try:
+        history = await database.fetchrow(HISTORY)
+    finally:
+        await database.close()
+    if history is None or history["status"] != "completed" or history["confirmed"] != sizes.messages:
+        raise RuntimeError(f"unexpected replay history: {history}")
+    return {"publishing_s": round(float(history["seconds"]), 3)}
 
 
 def main() -> None:
@@ -147,8 +229,10 @@ def main() -> None:
     )
     parser.add_argument("--messages", type=int, default=150_000)
     parser.add_argument("--body-size", type=int, default=512)
+    parser.add_argument("--command", choices=("capture", "replay"), default="capture")
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks in this file")
     args = parser.parse_args()
-    result = asyncio.run(measure(Sizes(args.messages, args.body_size)))
+    result = asyncio.run(measure(Sizes(args.messages, args.body_size), args.command, args.raw))
     print(json.dumps({**git_state(), **result}, indent=2))
 
 

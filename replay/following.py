@@ -68,7 +68,7 @@ class Following:
 
     async def _messages(self, after: int, upto: int) -> AsyncIterator[tuple[int, ArchivedMessage]]:
         filters = replace(self._filters, upto_id=upto)
-        async for message in selection.messages(self._connection, filters, after_id=after):
+        async for message in selection.messages(self._connection, filters, after_id=after, views=False):
             yield message.id, message
 
     async def _check_gap(self, reached: int) -> None:

@@ -1,7 +1,15 @@
-"""Publishing replayed messages: exact property bytes, publisher confirms, mandatory, counted returns."""
+"""Publishing replayed messages: exact property bytes, publisher confirms, mandatory, counted returns.
+
+A publish costs one future and its bytes, nothing more: its frames are written here (archive.frames
+publish_frames) and go to the socket together with the others of the same turn of the event loop,
+and the broker's confirms settle the futures by delivery tag here, a `multiple` ack a whole range at
+once. aiormq's own publish would add a write-queue item, a channel-lock turn, pamqp marshalling and a
+tracked future per message, and a scheduled callback per message for each multiple ack.
+"""
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections import Counter
@@ -39,6 +47,9 @@ CONNECTION_LOST_ERRORS: tuple[type[Exception], ...] = (
 RPC_TIMEOUT = 10.0
 # Seconds closing the connection may take: a broker that does not answer is simply left.
 CLOSE_TIMEOUT = 3.0
+# Publish bytes wait for the end of the event loop's turn, so that a page of messages goes to the
+# socket in one write; beyond this many bytes they are written at once.
+FLUSH_BYTES = 256 * 1024
 
 
 class Nacked(Exception):
@@ -47,6 +58,25 @@ class Nacked(Exception):
 
 class Returned(Exception):
     """The broker returned a mandatory message as unroutable (basic.return before its ack)."""
+
+
+class _Confirms:
+    """The publishes of one confirm channel still awaiting the broker's answer, by delivery tag."""
+
+    __slots__ = ("failed", "last", "oldest", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, tuple[asyncio.Future[None], int | None]] = {}
+        self.last = 0  # the delivery tag of the latest publish (the broker numbers them from 1)
+        self.oldest = 1  # no tag below it still waits
+        # Why the channel closed: every later publish on it fails with this.
+        self.failed: BaseException | None = None
+
+
+def _fail(future: "asyncio.Future[None]", error: BaseException) -> None:
+    future.set_exception(error)
+    # Read once, so that a publish abandoned with the window logs nothing when collected.
+    future.exception()
 
 
 class Publisher:
@@ -61,10 +91,16 @@ class Publisher:
         # management API): --max-queue-depth counts them, or a consumer with a large prefetch
         # would hold thousands while the queue reads empty.
         self._unacknowledged = unacknowledged
-        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._connection: frames.Connection | None = None
         self._channel: aiormq.Channel | None = None
+        self._confirms = _Confirms()
+        self._frame_max = 0
         self._probe: aiormq.abc.AbstractChannel | None = None
-        self._sequence = 0
+        # Publish bytes not yet written (see FLUSH_BYTES), and whether a write is scheduled.
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._last_exchange = ""
         self.returned = 0
         self.returned_ids: list[int] = []
         # Returns not yet matched with their publish, by x-replay-archive-id: the broker sends
@@ -88,7 +124,7 @@ class Publisher:
         # Returned messages come back with the same headers a replay sent: this connection
         # reads them raw (archive.content_header), so no header type can break it.
         try:
-            self._connection = await frames.connect(self._url, self._vhost)
+            self._connection = cast(frames.Connection, await frames.connect(self._url, self._vhost))
             self._channel = cast(aiormq.Channel, await self._connection.channel(publisher_confirms=True))
         except aiormq.exceptions.ProbableAuthenticationError:
             raise AccessRefused(
@@ -115,6 +151,11 @@ class Publisher:
         # share or lack; returns are counted here instead, and the broker's ack that follows
         # each return settles the publish as usual.
         self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
+        # Confirms are matched here (see the module's docstring); a new channel numbers from 1.
+        self._confirms = confirms = _Confirms()
+        self._channel._on_confirm_frame = functools.partial(self._on_confirm, confirms)  # type: ignore[method-assign]
+        self._channel.closing.add_done_callback(functools.partial(self._on_channel_closed, confirms))
+        self._frame_max = self._connection.connection_tune.frame_max
         if self.can_fail_over:
             # Which node of the cluster, as the daemon's `consuming` line says it.
             log.info("replay.connected", extra={"node": self.node})
@@ -253,47 +294,91 @@ class Publisher:
         properties_raw: bytes,
         body: bytes,
         archive_id: int | None = None,
-    ) -> "asyncio.Task[None]":
-        """Send one message with mandatory set; the task ends when the broker confirms it.
+    ) -> "asyncio.Future[None]":
+        """Send one message with mandatory set; the future is done when the broker answered it.
 
-        It fails with Nacked when the broker nacks it, and with Returned when the broker
-        returned it as unroutable (matched by archive_id, the x-replay-archive-id it carries).
-
-        Tasks are created in order and each takes the channel lock in that order, so the
-        broker receives messages in archive-id order.
+        It fails with Nacked when the broker nacks it, with Returned when the broker returned it
+        as unroutable (matched by archive_id, the x-replay-archive-id it carries), and with the
+        channel's error when the channel or connection closes first. Messages go to the broker in
+        the order of these calls.
         """
-        assert self._channel is not None
-        self._sequence += 1
-        return asyncio.create_task(
-            self._confirmed(self._channel, exchange, routing_key, properties_raw, body, archive_id),
-            name=f"replay-publish-{self._sequence}",
-        )
-
-    async def _confirmed(
-        self,
-        channel: aiormq.Channel,
-        exchange: str,
-        routing_key: str,
-        properties_raw: bytes,
-        body: bytes,
-        archive_id: int | None = None,
-    ) -> None:
+        confirmation: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        channel, confirms = self._channel, self._confirms
+        if channel is None or channel.is_closed or confirms.failed is not None:
+            _fail(
+                confirmation, confirms.failed or aiormq.exceptions.ChannelInvalidStateError("channel closed")
+            )
+            return confirmation
         try:
             # Written here, not by aiormq: pamqp would refuse names RabbitMQ accepts.
-            confirmation = await frames.publish(
-                channel, exchange, routing_key, properties_raw, body, mandatory=True
+            parts = frames.publish_frames(
+                channel.number, self._frame_max, exchange, routing_key, properties_raw, body, mandatory=True
             )
-            if confirmation is not None:
-                await confirmation
-            if archive_id is not None and self._unclaimed_returns[archive_id] > 0:
+        except frames.NameTooLong as error:
+            _fail(confirmation, error)
+            return confirmation
+        confirms.last += 1
+        confirms.waiting[confirms.last] = (confirmation, archive_id)
+        self._last_exchange = exchange
+        self._out += parts
+        self._out_bytes += len(body) + 64
+        if self._out_bytes >= FLUSH_BYTES:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return confirmation
+
+    def _flush(self) -> None:
+        """Write the publish bytes waiting, in one write."""
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            # A socket that fails closes the connection, and its channel's close fails what waits.
+            connection.write_now(data)
+
+    async def _on_confirm(self, confirms: _Confirms, frame: commands.Basic.Ack | commands.Basic.Nack) -> None:
+        # Called by the channel's reader in frame order, so a message's basic.return (matched in
+        # _on_return) is always counted before the ack that settles it.
+        tag = frame.delivery_tag
+        tags = range(confirms.oldest, tag + 1) if frame.multiple else (tag,)
+        nacked = isinstance(frame, commands.Basic.Nack)
+        waiting = confirms.waiting
+        for answered in tags:
+            entry = waiting.pop(answered, None)
+            if entry is None:
+                continue
+            confirmation, archive_id = entry
+            if confirmation.done():  # abandoned, or sent again after a failover
+                continue
+            if nacked:
+                _fail(confirmation, Nacked(str(frame)))
+            elif archive_id is not None and self._unclaimed_returns[archive_id] > 0:
                 self._unclaimed_returns[archive_id] -= 1
-                raise Returned(f"archive id {archive_id} returned as unroutable")
-        except aiormq.exceptions.DeliveryError as error:
-            raise Nacked(str(error.frame)) from None
-        except aiormq.exceptions.ChannelAccessRefused as error:
+                _fail(confirmation, Returned(f"archive id {archive_id} returned as unroutable"))
+            else:
+                confirmation.set_result(None)
+        while confirms.oldest <= confirms.last and confirms.oldest not in waiting:
+            confirms.oldest += 1
+
+    def _on_channel_closed(self, confirms: _Confirms, closing: "asyncio.Future[Any]") -> None:
+        error = None if closing.cancelled() else closing.exception()
+        if error is None:
+            error = aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
             if self.refused is None:
-                self.refused = self._publish_refused(exchange, reply_text(error))
-            raise self.refused from None
+                self.refused = self._publish_refused(self._last_exchange, reply_text(error))
+            error = self.refused
+        confirms.failed = error
+        for confirmation, _ in confirms.waiting.values():
+            if not confirmation.done():
+                _fail(confirmation, error)
+        confirms.waiting.clear()
 
     def _publish_refused(self, exchange: str, text: str) -> AccessRefused:
         # Every publish in flight fails with the same reply; it names the refused exchange.
@@ -314,6 +399,9 @@ class Publisher:
 
     async def close(self) -> None:
         """Close the connection (confirms still outstanding are abandoned)."""
+        # Bytes of this connection's channel must never reach the next one.
+        self._out.clear()
+        self._out_bytes = 0
         if self._connection is not None:
             with contextlib.suppress(*CONNECTION_LOST_ERRORS, RuntimeError):
                 # A blocked or silent broker never answers connection.close.

@@ -133,18 +133,18 @@ class _InFlight:
     whether it is a failed one sent again, and how to publish it again on a new connection."""
 
     position: int
-    task: "asyncio.Task[None] | None"
+    confirmation: "asyncio.Future[None] | None"
     size: int
     retry: bool
-    send: "Callable[[], asyncio.Task[None]] | None"
+    send: "Callable[[], asyncio.Future[None]] | None"
 
 
-def _answered(task: "asyncio.Task[None]") -> bool:
+def _answered(confirmation: "asyncio.Future[None]") -> bool:
     """Whether the broker answered this publish (confirm, nack or return), as opposed to a publish
     still waiting or one that failed with its connection."""
-    if not task.done() or task.cancelled():
+    if not confirmation.done() or confirmation.cancelled():
         return False
-    error = task.exception()
+    error = confirmation.exception()
     return error is None or isinstance(error, (Nacked, Returned))
 
 
@@ -180,22 +180,22 @@ class ConfirmWindow:
     def add(
         self,
         position: int,
-        task: "asyncio.Task[None] | None",
+        confirmation: "asyncio.Future[None] | None",
         size: int = 0,
         *,
         retry: bool = False,
-        send: "Callable[[], asyncio.Task[None]] | None" = None,
+        send: "Callable[[], asyncio.Future[None]] | None" = None,
     ) -> None:
         """Track a publish of the message at position, with its body size (retry: a failed one
         again; send: publishes it again, for resend_lost)."""
-        self._pending.append(_InFlight(position, task, size, retry, send))
+        self._pending.append(_InFlight(position, confirmation, size, retry, send))
         self.bytes_in_flight += size
 
-    def _outcome(self, task: "asyncio.Task[None] | None") -> str:
+    def _outcome(self, confirmation: "asyncio.Future[None] | None") -> str:
         """'confirmed', 'nacked', 'returned' or 'skipped'; BrokerUnavailable for a lost publish."""
-        if task is None:
+        if confirmation is None:
             return "skipped"
-        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        error = confirmation.exception() if not confirmation.cancelled() else asyncio.CancelledError()
         if error is None:
             return "confirmed"
         if isinstance(error, Nacked):
@@ -214,9 +214,11 @@ class ConfirmWindow:
 
     def settle(self) -> None:
         """Advance the cursors over the answered head; a lost broker raises BrokerUnavailable."""
-        while self._pending and (self._pending[0].task is None or self._pending[0].task.done()):
+        while self._pending and (
+            self._pending[0].confirmation is None or self._pending[0].confirmation.done()
+        ):
             head = self._pending[0]
-            outcome = self._outcome(head.task)
+            outcome = self._outcome(head.confirmation)
             self._pending.popleft()
             self.bytes_in_flight -= head.size
             position = head.position
@@ -243,11 +245,11 @@ class ConfirmWindow:
         """
         resent = 0
         for entry in self._pending:
-            if entry.task is None or entry.send is None or _answered(entry.task):
+            if entry.confirmation is None or entry.send is None or _answered(entry.confirmation):
                 continue
             # A publish still waiting belongs to the dead connection: nothing will answer it.
-            entry.task.cancel()
-            entry.task = entry.send()
+            entry.confirmation.cancel()
+            entry.confirmation = entry.send()
             resent += 1
         return resent
 
@@ -263,7 +265,7 @@ class ConfirmWindow:
         ):
             if stop is not None and stop.is_set():
                 return
-            head = self._pending[0].task
+            head = self._pending[0].confirmation
             if head is not None:
                 await _first_of(head, stop)
             self.settle()
@@ -274,9 +276,9 @@ class ConfirmWindow:
         With strict=False a lost publish stops the settling instead of raising.
         """
         if self._pending:
-            tasks = [entry.task for entry in self._pending if entry.task is not None]
-            if tasks:
-                waiting = asyncio.ensure_future(asyncio.wait(tasks, timeout=grace))
+            confirmations = [entry.confirmation for entry in self._pending if entry.confirmation is not None]
+            if confirmations:
+                waiting = asyncio.ensure_future(asyncio.wait(confirmations, timeout=grace))
                 await _first_of(waiting, stop)
                 waiting.cancel()
         if strict:
@@ -288,8 +290,8 @@ class ConfirmWindow:
     def abandon(self) -> None:
         """Forget what is still in flight (the connection is gone); their outcome is unknown."""
         for entry in self._pending:
-            if entry.task is not None:
-                entry.task.cancel()
+            if entry.confirmation is not None:
+                entry.confirmation.cancel()
         self._pending.clear()
         self.bytes_in_flight = 0
 
@@ -310,7 +312,7 @@ async def _first_of(awaitable: "asyncio.Future[Any]", stop: asyncio.Event | None
 
 async def _archive_items(connection: Connection, job: Job) -> AsyncIterator[tuple[int, ArchivedMessage]]:
     assert job.filters is not None
-    messages = selection.messages(connection, job.filters, after_id=job.cursor)
+    messages = selection.messages(connection, job.filters, after_id=job.cursor, views=False)
     while True:
         try:
             message = await anext(messages)

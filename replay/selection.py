@@ -77,7 +77,8 @@ class Group:
 
 
 def _message(record: asyncpg.Record) -> ArchivedMessage:
-    return ArchivedMessage(**dict(record.items()))
+    # The queries select the columns in the order of ArchivedMessage's fields.
+    return ArchivedMessage(*record.values())
 
 
 async def setup_codecs(connection: Connection) -> None:
@@ -93,8 +94,10 @@ async def messages(
     limit: int | None = None,
     page_rows: int = PAGE_ROWS,
     page_bytes: int = PAGE_BYTES,
+    views: bool = True,
 ) -> AsyncIterator[ArchivedMessage]:
-    """Every selected message with an id above after_id, in id order, page by page.
+    """Every selected message with an id above after_id, in id order, page by page; with
+    views=False without its JSON views (`properties` empty, `headers` None): what a replay sends.
 
     Each page looks at one window of archive ids (`id > cursor AND id <= cursor + width`), so
     the primary key's order does the work: a page never sorts the whole selection, which made
@@ -104,6 +107,7 @@ async def messages(
     newest = filters.upto_id if filters.upto_id is not None else await watermark(connection)
     cursor, newest = await id_range(connection, filters, after_id, newest)
     width = ID_WINDOW
+    page_rows_query = queries.SELECTION_PAGE_ROWS if views else queries.SELECTION_PAGE_ROWS_TO_SEND
     while (remaining is None or remaining > 0) and cursor < newest:
         want = page_rows if remaining is None else min(page_rows, remaining)
         through = min(cursor + width, newest)
@@ -123,7 +127,7 @@ async def messages(
             times.append(row["captured_at"])
             size += row["body_size"]
         if ids:
-            rows = await connection.fetch(queries.SELECTION_PAGE_ROWS, ids, min(times), max(times))
+            rows = await connection.fetch(page_rows_query, ids, min(times), max(times))
             for record in rows:
                 yield _message(record)
             if remaining is not None:

@@ -5,6 +5,7 @@ are appended to the header table (replacing earlier tags of the same name, so th
 replay of a replay carries one set), timestamps typed as AMQP timestamps, ids as longs.
 """
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -66,6 +67,14 @@ def tagged_properties(
     Raises archive.amqp_codec.CodecError when the stored bytes cannot be decoded.
     """
     props = decode_properties(properties_raw)  # validates, and raises CodecError for garbage
+    if new_message_id is None and not any(key in _REPLACED for key, _ in props.headers or ()):
+        # The common case: the tags appended to the table's bytes, nothing re-encoded.
+        entries = _fresh_tags(
+            tag, archive_id, replayed_at, original_exchange, original_routing_key, captured_at
+        )
+        spliced = _append_entries(properties_raw, entries)
+        if spliced is not None:
+            return spliced
     earlier = dict(props.headers or ())
     first: dict[bytes, FieldValue] = {
         ORIGINAL_EXCHANGE: ("S", original_exchange),
@@ -85,11 +94,6 @@ def tagged_properties(
     ]
     if tag.reason:
         added.append((REPLAY_REASON, ("S", tag.reason.encode())))
-    if new_message_id is None and not any(key in _REPLACED for key, _ in props.headers or ()):
-        # The common case: the tags appended to the table's bytes, nothing re-encoded.
-        spliced = _append_entries(properties_raw, encode_table(added)[4:])
-        if spliced is not None:
-            return spliced
     if new_message_id is not None:
         if props.message_id is not None:
             added.append((REPLAY_OF, ("S", props.message_id)))
@@ -105,6 +109,55 @@ def tagged_properties(
 _REPLACED = frozenset(_TAGS - {REPLAY_OF})
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
+
+
+def _key(name: bytes, letter: bytes) -> bytes:
+    return bytes((len(name),)) + name + letter
+
+
+_ARCHIVE_ID_KEY = _key(REPLAY_ARCHIVE_ID, b"l")
+_REPLAYED_AT_KEY = _key(REPLAYED_AT, b"T")
+_ORIGINAL_EXCHANGE_KEY = _key(ORIGINAL_EXCHANGE, b"S")
+_ORIGINAL_ROUTING_KEY_KEY = _key(ORIGINAL_ROUTING_KEY, b"S")
+_ORIGINAL_CAPTURED_AT_KEY = _key(ORIGINAL_CAPTURED_AT, b"T")
+
+
+@functools.lru_cache(maxsize=16)
+def _replay_entries(tag: Tag) -> tuple[bytes, bytes]:
+    """The encoded x-replay-id entry, and the x-replay-reason entry (or nothing), of a replay."""
+    reason = [(REPLAY_REASON, ("S", tag.reason.encode()))] if tag.reason else []
+    return encode_table([(REPLAY_ID, ("S", tag.replay_id.encode()))])[4:], encode_table(reason)[4:]
+
+
+def _fresh_tags(
+    tag: Tag, archive_id: int, replayed_at: int, exchange: bytes, routing_key: bytes, captured_at: int
+) -> bytes:
+    """The tags of a message that carries none yet, encoded as table entries (in the order and
+    with the types of tagged_properties' list), written without building that list: a tenth of a
+    replay's time went to it."""
+    replay_id, reason = _replay_entries(tag)
+    return b"".join(
+        (
+            replay_id,
+            _ARCHIVE_ID_KEY,
+            _I64.pack(archive_id),
+            _REPLAYED_AT_KEY,
+            _U64.pack(replayed_at),
+            _ORIGINAL_EXCHANGE_KEY,
+            _U32.pack(len(exchange)),
+            exchange,
+            _ORIGINAL_ROUTING_KEY_KEY,
+            _U32.pack(len(routing_key)),
+            routing_key,
+            _ORIGINAL_CAPTURED_AT_KEY,
+            _U64.pack(captured_at),
+            reason,
+        )
+    )
+
+
 _HEADERS_BIT = 1 << 13
 _SHORTSTRS_BEFORE_HEADERS = (1 << 15, 1 << 14)  # content_type, content_encoding
 

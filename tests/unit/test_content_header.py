@@ -73,7 +73,7 @@ def test_row_views_are_json_and_raw_is_authoritative() -> None:
 def test_a_routing_key_read_with_surrogate_escapes_is_sent_back_as_the_same_bytes() -> None:
     raw_key = b"bad.\xff\xfe.key\x00x"
     received = raw_key.decode("utf-8", "surrogateescape")
-    wire = frame.marshal(frames.basic_publish("orders", received), 1)
+    wire = frames.publish_frames(1, 0, "orders", received, b"\x00\x00", b"")[0]
     assert bytes([len(raw_key)]) + raw_key in wire
     assert b"\x06orders" in wire
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pamqp import header
 
+from rabbit_archive.archive import frames
 from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
@@ -26,7 +26,6 @@ from rabbit_archive.archive.amqp_codec import (
     encode_table,
 )
 from rabbit_archive.archive.errors import BrokerUnavailable, UsageError
-from rabbit_archive.archive.frames import RawProperties
 from rabbit_archive.replay.history import Target
 from rabbit_archive.replay.publisher import Nacked
 from rabbit_archive.replay.records import from_export_line as read_line
@@ -956,14 +955,8 @@ def test_a_deeply_nested_export_line_is_a_usage_error() -> None:
 # ---------------------------------------------------------------------------- raw content headers
 
 
-def test_raw_properties_marshal_to_the_bytes_given() -> None:
-    raw = tag(encode_properties(ORIGINAL))
-    assert RawProperties(raw).marshal() is raw
-
-
 @pytest.mark.parametrize("raw", [b"\x00\x00", encode_properties(ORIGINAL)])
-def test_a_pamqp_content_header_carries_the_raw_properties(raw: bytes) -> None:
-    frame = header.ContentHeader(properties=RawProperties(raw), body_size=3)  # type: ignore[arg-type]
-    marshalled = frame.marshal()
-    assert marshalled.endswith(raw)
-    assert marshalled == struct.pack(">HHQ", 60, 0, 3) + raw
+def test_a_published_content_header_carries_the_raw_properties(raw: bytes) -> None:
+    parts = frames.publish_frames(5, 131072, "x", "k", raw, b"abc")
+    content_header = b"".join(parts[1:4])
+    assert content_header == struct.pack(">BHIHHQ", 2, 5, 12 + len(raw), 60, 0, 3) + raw + b"\xce"
