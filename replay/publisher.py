@@ -60,17 +60,58 @@ class Returned(Exception):
     """The broker returned a mandatory message as unroutable (basic.return before its ack)."""
 
 
-class _Confirms:
-    """The publishes of one confirm channel still awaiting the broker's answer, by delivery tag."""
+class Confirms:
+    """The publishes of one confirm channel still awaiting the broker's answer, by delivery tag.
+
+    The broker numbers a channel's publishes from 1 and answers each once: basic.ack or
+    basic.nack of one tag, or with `multiple` of every tag up to it. Its returns are counted
+    apart (by x-replay-archive-id); `returned` tells whether an acked publish was one of them.
+    """
 
     __slots__ = ("failed", "last", "oldest", "waiting")
 
     def __init__(self) -> None:
         self.waiting: dict[int, tuple[asyncio.Future[None], int | None]] = {}
-        self.last = 0  # the delivery tag of the latest publish (the broker numbers them from 1)
+        self.last = 0  # the delivery tag of the latest publish
         self.oldest = 1  # no tag below it still waits
         # Why the channel closed: every later publish on it fails with this.
         self.failed: BaseException | None = None
+
+    def add(self, confirmation: "asyncio.Future[None]", archive_id: int | None) -> int:
+        """Track the next publish; its delivery tag."""
+        self.last += 1
+        self.waiting[self.last] = (confirmation, archive_id)
+        return self.last
+
+    def answer(
+        self, tag: int, *, multiple: bool, nacked: bool, returned: Callable[[int | None], bool]
+    ) -> None:
+        """Settle what an ack or nack answers: a future done already (abandoned, or sent again on
+        another connection) is left as it is."""
+        waiting = self.waiting
+        for answered in range(self.oldest, min(tag, self.last) + 1) if multiple else (tag,):
+            entry = waiting.pop(answered, None)
+            if entry is None:
+                continue
+            confirmation, archive_id = entry
+            if confirmation.done():
+                continue
+            if nacked:
+                _fail(confirmation, Nacked(f"delivery tag {answered} nacked"))
+            elif returned(archive_id):
+                _fail(confirmation, Returned(f"archive id {archive_id} returned as unroutable"))
+            else:
+                confirmation.set_result(None)
+        while self.oldest <= self.last and self.oldest not in waiting:
+            self.oldest += 1
+
+    def fail(self, error: BaseException) -> None:
+        """The channel closed: every publish still waiting, and every later one, fails with error."""
+        self.failed = error
+        for confirmation, _ in self.waiting.values():
+            if not confirmation.done():
+                _fail(confirmation, error)
+        self.waiting.clear()
 
 
 def _fail(future: "asyncio.Future[None]", error: BaseException) -> None:
@@ -93,7 +134,7 @@ class Publisher:
         self._unacknowledged = unacknowledged
         self._connection: frames.Connection | None = None
         self._channel: aiormq.Channel | None = None
-        self._confirms = _Confirms()
+        self._confirms = Confirms()
         self._frame_max = 0
         self._probe: aiormq.abc.AbstractChannel | None = None
         # Publish bytes not yet written (see FLUSH_BYTES), and whether a write is scheduled.
@@ -152,7 +193,7 @@ class Publisher:
         # each return settles the publish as usual.
         self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
         # Confirms are matched here (see the module's docstring); a new channel numbers from 1.
-        self._confirms = confirms = _Confirms()
+        self._confirms = confirms = Confirms()
         self._channel._on_confirm_frame = functools.partial(self._on_confirm, confirms)  # type: ignore[method-assign]
         self._channel.closing.add_done_callback(functools.partial(self._on_channel_closed, confirms))
         self._frame_max = self._connection.connection_tune.frame_max
@@ -317,8 +358,7 @@ class Publisher:
         except frames.NameTooLong as error:
             _fail(confirmation, error)
             return confirmation
-        confirms.last += 1
-        confirms.waiting[confirms.last] = (confirmation, archive_id)
+        confirms.add(confirmation, archive_id)
         self._last_exchange = exchange
         self._out += parts
         self._out_bytes += len(body) + 64
@@ -342,31 +382,22 @@ class Publisher:
             # A socket that fails closes the connection, and its channel's close fails what waits.
             connection.write_now(data)
 
-    async def _on_confirm(self, confirms: _Confirms, frame: commands.Basic.Ack | commands.Basic.Nack) -> None:
-        # Called by the channel's reader in frame order, so a message's basic.return (matched in
-        # _on_return) is always counted before the ack that settles it.
-        tag = frame.delivery_tag
-        tags = range(confirms.oldest, tag + 1) if frame.multiple else (tag,)
+    async def _on_confirm(self, confirms: Confirms, frame: commands.Basic.Ack | commands.Basic.Nack) -> None:
+        # Called by the channel's reader in frame order, so a message's basic.return (counted in
+        # _on_return) always comes before the ack that settles it.
         nacked = isinstance(frame, commands.Basic.Nack)
-        waiting = confirms.waiting
-        for answered in tags:
-            entry = waiting.pop(answered, None)
-            if entry is None:
-                continue
-            confirmation, archive_id = entry
-            if confirmation.done():  # abandoned, or sent again after a failover
-                continue
-            if nacked:
-                _fail(confirmation, Nacked(str(frame)))
-            elif archive_id is not None and self._unclaimed_returns[archive_id] > 0:
-                self._unclaimed_returns[archive_id] -= 1
-                _fail(confirmation, Returned(f"archive id {archive_id} returned as unroutable"))
-            else:
-                confirmation.set_result(None)
-        while confirms.oldest <= confirms.last and confirms.oldest not in waiting:
-            confirms.oldest += 1
+        confirms.answer(
+            frame.delivery_tag, multiple=frame.multiple, nacked=nacked, returned=self._claim_return
+        )
 
-    def _on_channel_closed(self, confirms: _Confirms, closing: "asyncio.Future[Any]") -> None:
+    def _claim_return(self, archive_id: int | None) -> bool:
+        """Whether a return of this archive id is still to be matched with its ack (and match it)."""
+        if archive_id is None or self._unclaimed_returns[archive_id] <= 0:
+            return False
+        self._unclaimed_returns[archive_id] -= 1
+        return True
+
+    def _on_channel_closed(self, confirms: Confirms, closing: "asyncio.Future[Any]") -> None:
         error = None if closing.cancelled() else closing.exception()
         if error is None:
             error = aiormq.exceptions.ChannelInvalidStateError("channel closed")
@@ -374,11 +405,7 @@ class Publisher:
             if self.refused is None:
                 self.refused = self._publish_refused(self._last_exchange, reply_text(error))
             error = self.refused
-        confirms.failed = error
-        for confirmation, _ in confirms.waiting.values():
-            if not confirmation.done():
-                _fail(confirmation, error)
-        confirms.waiting.clear()
+        confirms.fail(error)
 
     def _publish_refused(self, exchange: str, text: str) -> AccessRefused:
         # Every publish in flight fails with the same reply; it names the refused exchange.
