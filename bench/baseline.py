@@ -29,6 +29,7 @@ from bench.common import (
     STEADY_EXCHANGE,
     Sizes,
     amqp_url,
+    fill,
     log,
     publish,
     publish_steadily,
@@ -58,7 +59,7 @@ async def consumer(vhost: str, sizes: Sizes, *, barrier: asyncio.Barrier | None 
         queue = await channel.declare_queue("baseline", durable=True, arguments={"x-queue-type": "quorum"})
         await queue.bind(exchange, "#")
         log.log(f"baseline consumer: publishing {count} messages to vhost {vhost}")
-        await publish(vhost, sizes)
+        await fill(vhost, sizes)
         await channel.set_qos(prefetch_count=PREFETCH)
         done = asyncio.Event()
         received, first = 0, 0.0

@@ -37,11 +37,11 @@ from bench.common import (
     broker_pid,
     cpu_seconds,
     esc,
+    fill,
     free_port,
     log,
     log_tail,
     peak_rss_mb,
-    publish,
     publish_steadily,
 )
 from rabbit_archive.config.settings import Settings
@@ -178,7 +178,7 @@ async def drain(
     count = sizes.messages
     after_id = int(await database.fetchval(NEWEST_ID))
     log.log(f"rabbit-capture: publishing {count} messages to vhost {vhost}")
-    await publish(vhost, sizes)
+    await fill(vhost, sizes)
     log.log("rabbit-capture: draining")
     # WAL is the whole server's: the other databases of the machine should be quiet meanwhile.
     table_before, indexes_before = await on_disk(database)

@@ -20,6 +20,9 @@ import asyncpg
 import httpx
 from rich.console import Console
 
+from rabbit_archive.archive.amqp_codec import Properties, Table, encode_properties
+from rabbit_archive.replay.publisher import Publisher
+
 AMQP = "amqp://guest:guest@127.0.0.1:5672"
 MANAGEMENT = "http://127.0.0.1:15672"
 POSTGRES = "postgresql://root@127.0.0.1:5432"
@@ -110,34 +113,69 @@ async def publish(
             await cancel(pending)
 
 
+def backlog_properties(index: int, **extra_headers: int) -> bytes:
+    """The property bytes of bench.common.message's message (plus integer headers) for Publisher."""
+    headers: Table = [
+        (b"seq", ("l", index)),
+        (b"source", ("S", b"bench")),
+        (b"tenant", ("S", f"t-{index % 7}".encode())),
+        *((name.encode(), ("l", value)) for name, value in extra_headers.items()),
+    ]
+    return encode_properties(Properties(headers=headers, delivery_mode=2, message_id=f"m-{index}".encode()))
+
+
+async def fill(vhost: str, sizes: Sizes, *, exchange: str = EXCHANGE, queue: str | None = None) -> None:
+    """Publish the backlog a phase drains (as `publish`, not timed) with the replay's publisher: about
+    three times faster than aio-pika here, which keeps `--quick` under a minute."""
+    body = sizes.body
+    in_flight = window_size(sizes.body_size, BACKLOG_WINDOW, BACKLOG_WINDOW_BYTES)
+    publisher = Publisher(amqp_url(vhost), vhost)
+    await publisher.connect()
+    pending: deque[asyncio.Future[None]] = deque()
+    try:
+        for index in range(sizes.messages):
+            while len(pending) >= in_flight:
+                await pending.popleft()
+            routing_key = queue or f"bench.{index % 10}"
+            pending.append(
+                publisher.publish("" if queue else exchange, routing_key, backlog_properties(index), body)
+            )
+        await asyncio.wait_for(asyncio.gather(*pending), timeout=sizes.timeout())
+    finally:
+        await publisher.close()
+
+
 async def publish_steadily(
     vhost: str, sizes: Sizes, total: int, rate: float, *, check: Callable[[], None] = lambda: None
 ) -> float:
     """Publish `total` messages at `rate` to STEADY_EXCHANGE with routing key `steady`; returns seconds.
 
-    Each message carries a `published_at_us` header (microseconds since the epoch) taken just before
-    it is handed to the client; `check` runs at every tick (it raises to stop). The time runs from
-    the first publish to the last one; the confirms are awaited after it.
+    Each message carries a `published_at_us` header (microseconds since the epoch) taken as its
+    bytes are written for the socket. The publisher is the replay's (rabbit_archive.replay.publisher:
+    frames written as bytes, one socket write per tick, confirms settled by tag): aio-pika's, with a
+    task per publish, fell behind at 5,000 msg/s on two cores shared with the broker and the
+    daemon, so the stamps aged in the benchmark's own event loop for seconds before the broker saw
+    them. `check` runs at every tick (it raises to stop). The time runs from the first publish to
+    the last one; the confirms are awaited after it.
     """
     body = sizes.body
-    async with await aio_pika.connect(amqp_url(vhost)) as connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(STEADY_EXCHANGE, ensure=False)
-        confirms: list[asyncio.Task[Any]] = []
-        try:
-            started = time.perf_counter()
-            while len(confirms) < total:
-                due = min(total, int((time.perf_counter() - started) * rate) + 1)
-                while len(confirms) < due:
-                    index = sizes.messages + len(confirms)  # message ids apart from the backlog's
-                    stamped = message(index, body, published_at_us=time.time_ns() // 1000)
-                    confirms.append(asyncio.create_task(exchange.publish(stamped, routing_key="steady")))
-                check()
-                await asyncio.sleep(max(0.0, started + due / rate - time.perf_counter()))
-            published_s = time.perf_counter() - started
-            await asyncio.wait_for(asyncio.gather(*confirms), timeout=sizes.timeout(total))
-        finally:
-            await cancel(confirms)
+    publisher = Publisher(amqp_url(vhost), vhost)
+    await publisher.connect()
+    confirms: list[asyncio.Future[None]] = []
+    try:
+        started = time.perf_counter()
+        while len(confirms) < total:
+            due = min(total, int((time.perf_counter() - started) * rate) + 1)
+            while len(confirms) < due:
+                index = sizes.messages + len(confirms)  # message ids apart from the backlog's
+                properties = backlog_properties(index, published_at_us=time.time_ns() // 1000)
+                confirms.append(publisher.publish(STEADY_EXCHANGE, "steady", properties, body))
+            check()
+            await asyncio.sleep(max(0.0, started + due / rate - time.perf_counter()))
+        published_s = time.perf_counter() - started
+        await asyncio.wait_for(asyncio.gather(*confirms), timeout=sizes.timeout(total))
+    finally:
+        await publisher.close()
     return published_s
 
 

@@ -26,7 +26,7 @@ import asyncpg
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, amqp_url, esc, log, publish
+from bench.common import MANAGEMENT, POSTGRES, Sizes, admin_sql, amqp_url, esc, fill, log
 from rabbit_archive.inbox import Connection, Inbox, canonical_form
 
 PREFETCH = 50
@@ -56,7 +56,7 @@ async def drain(
     async with await aio_pika.connect(amqp_url(vhost)) as connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
-        await publish(vhost, sizes, queue=queue_name)
+        await fill(vhost, sizes, queue=queue_name)
         await channel.set_qos(prefetch_count=PREFETCH)
         done = asyncio.Event()
         received, first = 0, 0.0

@@ -41,9 +41,9 @@ from bench.common import (
     Sizes,
     amqp_url,
     esc,
+    fill,
     git_state,
     log,
-    publish,
     window_size,
 )
 
@@ -240,7 +240,7 @@ async def consumer(vhost: str, sizes: Sizes, program: Program | None = None) -> 
             await queue.bind(exchange, "#")
             log.log(f"java consumer: publishing {count} messages to vhost {vhost}")
             with java_readable_headers():
-                await publish(vhost, sizes)
+                await fill(vhost, sizes)
             log.log("java consumer: draining")
             args = ["consume", amqp_url(vhost), queue.name, str(count)]
             args += [str(baseline.PREFETCH), str(baseline.ACK_EVERY)]

@@ -36,9 +36,9 @@ from bench.common import (
     MANAGEMENT,
     Sizes,
     amqp_url,
+    fill,
     git_state,
     log,
-    publish,
     scratch_database,
     scratch_vhost,
 )
@@ -153,7 +153,7 @@ async def measure(sizes: Sizes, command: str = "capture", keep_raw: Path | None 
             try:
                 await prepare(api, daemon, vhost)
                 log.log(f"profile: publishing {sizes.messages} messages")
-                await publish(vhost, sizes)
+                await fill(vhost, sizes)
                 connection = await asyncpg.connect(database_url)
                 try:
                     pid = await daemon.start()

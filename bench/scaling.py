@@ -31,9 +31,9 @@ from bench.common import (
     Sizes,
     cpu_seconds,
     esc,
+    fill,
     git_state,
     log,
-    publish,
     scratch_database,
     scratch_vhost,
 )
@@ -101,7 +101,7 @@ async def layout_round(api: httpx.AsyncClient, name: str, sizes: Sizes) -> dict[
                     await daemon.stop()
                 half = Sizes(sizes.messages // 2, sizes.body_size)
                 for exchange in EXCHANGES:
-                    await publish(vhost, half, exchange=exchange)
+                    await fill(vhost, half, exchange=exchange)
                 total = 2 * half.messages
                 database_connection = await asyncpg.connect(database_url)
                 try:
