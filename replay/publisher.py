@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiormq
 import aiormq.abc
+from aiormq.channel import exception_by_code
 from pamqp import commands
 
 from rabbit_archive.archive import content_header, frames
@@ -191,11 +192,15 @@ class Publisher:
         # aiormq maps a basic.return to its publish by message id, which replayed messages
         # share or lack; returns are counted here instead, and the broker's ack that follows
         # each return settles the publish as usual.
-        self._channel._on_return_frame = self._on_return  # type: ignore[method-assign]
+        channel = self._channel
+        channel._on_return_frame = functools.partial(self._on_return, channel)  # type: ignore[method-assign]
         # Confirms are matched here (see the module's docstring); a new channel numbers from 1.
         self._confirms = confirms = Confirms()
-        self._channel._on_confirm_frame = functools.partial(self._on_confirm, confirms)  # type: ignore[method-assign]
-        self._channel.closing.add_done_callback(functools.partial(self._on_channel_closed, confirms))
+        channel._on_confirm_frame = functools.partial(self._on_confirm, confirms)  # type: ignore[method-assign]
+        channel._on_close_frame = functools.partial(  # type: ignore[method-assign]
+            self._on_close_frame, confirms, channel._on_close_frame
+        )
+        channel.closing.add_done_callback(functools.partial(self._on_channel_closed, confirms))
         self._frame_max = self._connection.connection_tune.frame_max
         if self.can_fail_over:
             # Which node of the cluster, as the daemon's `consuming` line says it.
@@ -246,10 +251,13 @@ class Publisher:
         channel, connection = self._channel, self._connection
         return channel is None or channel.is_closed or connection is None or connection.is_closed
 
-    async def _on_return(self, frame: commands.Basic.Return) -> None:
-        channel: Any = self._channel
+    async def _on_return(self, channel: Any, frame: commands.Basic.Return) -> None:
         header = await channel._Channel__get_content_header()
         message = await channel._read_content(frame, header)
+        if channel is not self._channel:
+            # Read late from a connection given up (its close timed out): what it returned is
+            # published again on the new one, and counted there if returned again.
+            return
         self.returned += 1
         archive_id = None
         with contextlib.suppress(CodecError, AttributeError):
@@ -397,10 +405,29 @@ class Publisher:
         self._unclaimed_returns[archive_id] -= 1
         return True
 
+    async def _on_close_frame(
+        self,
+        confirms: Confirms,
+        aiormqs: Callable[[commands.Channel.Close], Awaitable[None]],
+        frame: commands.Channel.Close,
+    ) -> None:
+        # Before aiormq answers the broker's channel.close with close-ok: no publish may follow
+        # that on the wire, or the broker closes the whole connection (a frame on a closed
+        # channel), and the reason (a refused permission) would be lost.
+        if confirms is self._confirms:
+            self._out.clear()
+            self._out_bytes = 0
+        self._channel_failed(confirms, exception_by_code(frame))
+        await aiormqs(frame)
+
     def _on_channel_closed(self, confirms: Confirms, closing: "asyncio.Future[Any]") -> None:
         error = None if closing.cancelled() else closing.exception()
-        if error is None:
-            error = aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        self._channel_failed(confirms, error or aiormq.exceptions.ChannelInvalidStateError("channel closed"))
+
+    def _channel_failed(self, confirms: Confirms, error: BaseException) -> None:
+        """Fail every publish waiting on the channel, and every later one (the first reason stands)."""
+        if confirms.failed is not None:
+            return
         if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
             if self.refused is None:
                 self.refused = self._publish_refused(self._last_exchange, reply_text(error))

@@ -72,7 +72,7 @@ def tagged_properties(
         entries = _fresh_tags(
             tag, archive_id, replayed_at, original_exchange, original_routing_key, captured_at
         )
-        spliced = _append_entries(properties_raw, entries)
+        spliced = None if entries is None else _append_entries(properties_raw, entries)
         if spliced is not None:
             return spliced
     earlier = dict(props.headers or ())
@@ -133,18 +133,22 @@ def _replay_entries(tag: Tag) -> tuple[bytes, bytes]:
 
 def _fresh_tags(
     tag: Tag, archive_id: int, replayed_at: int, exchange: bytes, routing_key: bytes, captured_at: int
-) -> bytes:
+) -> bytes | None:
     """The tags of a message that carries none yet, encoded as table entries (in the order and
     with the types of tagged_properties' list), written without building that list: a tenth of a
-    replay's time went to it."""
+    replay's time went to it. None when a number does not fit its field."""
     replay_id, reason = _replay_entries(tag)
+    try:
+        numbers = (_I64.pack(archive_id), _U64.pack(replayed_at), _U64.pack(captured_at))
+    except struct.error:
+        return None  # out of range (a malformed export line): the general path says why
     return b"".join(
         (
             replay_id,
             _ARCHIVE_ID_KEY,
-            _I64.pack(archive_id),
+            numbers[0],
             _REPLAYED_AT_KEY,
-            _U64.pack(replayed_at),
+            numbers[1],
             _ORIGINAL_EXCHANGE_KEY,
             _U32.pack(len(exchange)),
             exchange,
@@ -152,7 +156,7 @@ def _fresh_tags(
             _U32.pack(len(routing_key)),
             routing_key,
             _ORIGINAL_CAPTURED_AT_KEY,
-            _U64.pack(captured_at),
+            numbers[2],
             reason,
         )
     )

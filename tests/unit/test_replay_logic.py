@@ -191,6 +191,16 @@ def test_the_archive_id_is_a_64_bit_long_on_the_wire() -> None:
     assert [value for key, value in retagged.headers or [] if key == REPLAY_ARCHIVE_ID] == [("l", top)]
 
 
+@pytest.mark.parametrize(
+    "overrides", [{"captured_at": -1}, {"replayed_at": 2**64}, {"archive_id": 2**63}], ids=str
+)
+def test_a_number_that_does_not_fit_its_tag_is_a_codec_error(overrides: dict[str, int]) -> None:
+    """What an edited export line can hold: reported as a message that cannot go on the wire
+    (the replay skips it and says why), never an unexpected exception."""
+    with pytest.raises(CodecError):
+        tag(encode_properties(ORIGINAL), **overrides)
+
+
 def test_timestamps_are_amqp_timestamps_on_the_wire() -> None:
     tagged_raw = tag(encode_properties(ORIGINAL))
     for key, seconds in ((REPLAYED_AT, REPLAYED_AT_S), (ORIGINAL_CAPTURED_AT, CAPTURED_AT_S)):
