@@ -163,26 +163,27 @@ SELECTION_PAGE_IDS = """
 SELECT id, body_size, captured_at FROM rabbit_archive.messages WHERE {where} ORDER BY id LIMIT {limit}
 """
 
-_MESSAGE_SELECT = """
+# The columns of ArchivedMessage (replay/selection.py), in its fields' order; {views} the JSON views.
+_MESSAGE_SELECT_WITH = """
 SELECT id, captured_at, vhost, exchange, routing_key, exchange_raw, routing_key_raw, redelivered,
-       properties_raw, properties, headers, body, body_size, replay_id
+       properties_raw, {views}, body, body_size, replay_id
 FROM rabbit_archive.messages
 """
+_MESSAGE_SELECT = _MESSAGE_SELECT_WITH.format(views="properties, headers")
 
 # A page's rows ($1 ids) between its first and last capture times ($2, $3): the bounds let
 # PostgreSQL skip every daily partition the page does not touch (at plan time, or at run
 # time with a generic plan), where `id = ANY` alone probes each partition's index per id.
-SELECTION_PAGE_ROWS = (
-    _MESSAGE_SELECT
-    + "WHERE id = ANY($1::bigint[]) AND captured_at >= $2::timestamptz AND captured_at <= $3::timestamptz"
-    + " ORDER BY id"
+_PAGE_ROWS_WHERE = (
+    "WHERE id = ANY($1::bigint[]) AND captured_at >= $2::timestamptz AND captured_at <= $3::timestamptz"
+    " ORDER BY id"
 )
+SELECTION_PAGE_ROWS = _MESSAGE_SELECT + _PAGE_ROWS_WHERE
 
 # The same rows for publishing them again: without the JSON views, which a replay never reads
 # (decoding them took a tenth of a replay's time).
-SELECTION_PAGE_ROWS_TO_SEND = SELECTION_PAGE_ROWS.replace(
-    "properties_raw, properties, headers,",
-    "properties_raw, '{}'::jsonb AS properties, NULL::jsonb AS headers,",
+SELECTION_PAGE_ROWS_TO_SEND = (
+    _MESSAGE_SELECT_WITH.format(views="'{}'::jsonb AS properties, NULL::jsonb AS headers") + _PAGE_ROWS_WHERE
 )
 
 ONE_MESSAGE = _MESSAGE_SELECT + "WHERE id = $1::bigint"

@@ -20,7 +20,8 @@ import asyncpg
 import httpx
 from rich.console import Console
 
-from rabbit_archive.archive.amqp_codec import Properties, Table, encode_properties
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
+from rabbit_archive.archive.frames import table_from_json
 from rabbit_archive.replay.publisher import Publisher
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672"
@@ -65,10 +66,14 @@ def amqp_url(vhost: str) -> str:
     return f"{AMQP}/{esc(vhost)}"
 
 
+def bench_headers(index: int) -> dict[str, Any]:
+    """The 3 headers of the index-th benchmark message."""
+    return {"seq": index, "source": "bench", "tenant": f"t-{index % 7}"}
+
+
 def message(index: int, body: bytes, **extra_headers: Any) -> aio_pika.Message:
     """The index-th benchmark message: the body, 3 headers (plus extra ones), persistent."""
-    headers: dict[str, Any] = {"seq": index, "source": "bench", "tenant": f"t-{index % 7}"}
-    headers |= extra_headers
+    headers = bench_headers(index) | extra_headers
     return aio_pika.Message(
         body, message_id=f"m-{index}", headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
     )
@@ -114,13 +119,8 @@ async def publish(
 
 
 def backlog_properties(index: int, **extra_headers: int) -> bytes:
-    """The property bytes of bench.common.message's message (plus integer headers) for Publisher."""
-    headers: Table = [
-        (b"seq", ("l", index)),
-        (b"source", ("S", b"bench")),
-        (b"tenant", ("S", f"t-{index % 7}".encode())),
-        *((name.encode(), ("l", value)) for name, value in extra_headers.items()),
-    ]
+    """The property bytes of `message`'s message (plus integer headers), for Publisher."""
+    headers = table_from_json(bench_headers(index) | extra_headers)
     return encode_properties(Properties(headers=headers, delivery_mode=2, message_id=f"m-{index}".encode()))
 
 

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import re
 import shutil
 import signal
@@ -32,7 +31,6 @@ import httpx
 
 from bench.capture import Daemon, prepare
 from bench.common import (
-    EXCHANGE,
     MANAGEMENT,
     Sizes,
     amqp_url,
@@ -42,7 +40,7 @@ from bench.common import (
     scratch_database,
     scratch_vhost,
 )
-from bench.replay import HISTORY, REPLAY, TARGET_QUEUE
+from bench.replay import COMMAND, TARGET_QUEUE, completed, replay_env
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 # (area, what a frame's "function (path)" contains): a sample goes to the area of its innermost frame
@@ -198,27 +196,15 @@ async def replay_sampled(vhost: str, database_url: str, sizes: Sizes, spy: list[
     async with await aio_pika.connect(amqp_url(vhost)) as broker:
         channel = await broker.channel()
         await channel.declare_queue(TARGET_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
-    env |= {
-        "RABBIT_ARCHIVE_AMQP_URL": amqp_url(vhost),
-        "RABBIT_ARCHIVE_DATABASE_URL": database_url,
-        "RABBIT_ARCHIVE_LOG_LEVEL": "WARNING",
-    }
     log.log(f"profile: replaying {sizes.messages} messages under py-spy")
     process = await asyncio.create_subprocess_exec(
-        *spy, "--", str(REPLAY), "run", "--exchange", EXCHANGE, "--to-queue", TARGET_QUEUE, "--yes",
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        cwd=tempfile.gettempdir(),
+        *spy, "--", *COMMAND,
+        env=replay_env(vhost, database_url), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, cwd=tempfile.gettempdir(),
     )  # fmt: skip
     if await asyncio.wait_for(process.wait(), sizes.timeout()) != 0:
         raise RuntimeError(f"py-spy or rabbit-replay exited {process.returncode}")
-    database = await asyncpg.connect(database_url)
-    try:
-        history = await database.fetchrow(HISTORY)
-    finally:
-        await database.close()
-    if history is None or history["status"] != "completed" or history["confirmed"] != sizes.messages:
-        raise RuntimeError(f"unexpected replay history: {history}")
+    history = await completed(database_url, sizes)
     return {"publishing_s": round(float(history["seconds"]), 3)}
 
 

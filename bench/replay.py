@@ -69,6 +69,32 @@ async def analyzed(database_url: str) -> bool:
         await database.close()
 
 
+# The replay every phase runs: the archived backlog into TARGET_QUEUE (with replay_env).
+COMMAND = [str(REPLAY), "run", "--exchange", EXCHANGE, "--to-queue", TARGET_QUEUE, "--yes"]
+
+
+def replay_env(vhost: str, database_url: str) -> dict[str, str]:
+    """This environment without RABBIT_ARCHIVE_ variables, plus the vhost's broker and the database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
+    return env | {
+        "RABBIT_ARCHIVE_AMQP_URL": amqp_url(vhost),
+        "RABBIT_ARCHIVE_DATABASE_URL": database_url,
+        "RABBIT_ARCHIVE_LOG_LEVEL": "WARNING",
+    }
+
+
+async def completed(database_url: str, sizes: Sizes) -> "asyncpg.Record":
+    """The replay's history row; RuntimeError unless it is the only one, completed, all confirmed."""
+    database = await asyncpg.connect(database_url)
+    try:
+        history = await database.fetch(HISTORY)
+    finally:
+        await database.close()
+    if len(history) != 1 or history[0]["status"] != "completed" or history[0]["confirmed"] != sizes.messages:
+        raise RuntimeError(f"unexpected replay history: {[dict(row) for row in history]}")
+    return history[0]
+
+
 async def run(
     vhost: str, database_url: str, sizes: Sizes, analyze: bool, output: IO[bytes]
 ) -> dict[str, Any]:
@@ -83,17 +109,11 @@ async def run(
     async with await aio_pika.connect(amqp_url(vhost)) as connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(TARGET_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
-        env |= {
-            "RABBIT_ARCHIVE_AMQP_URL": amqp_url(vhost),
-            "RABBIT_ARCHIVE_DATABASE_URL": database_url,
-            "RABBIT_ARCHIVE_LOG_LEVEL": "WARNING",
-        }
-        command = [str(REPLAY), "run", "--exchange", EXCHANGE, "--to-queue", TARGET_QUEUE, "--yes"]
         log.log(f"rabbit-replay: replaying {sizes.messages} messages")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WRAPPER, *command,
-            env=env, stdout=PIPE, stderr=output, cwd=tempfile.gettempdir(), start_new_session=True,
+            sys.executable, "-c", WRAPPER, *COMMAND,
+            env=replay_env(vhost, database_url), stdout=PIPE, stderr=output, cwd=tempfile.gettempdir(),
+            start_new_session=True,
         )  # fmt: skip
         try:
             stdout, _ = await asyncio.wait_for(process.communicate(), timeout=sizes.timeout())
@@ -106,16 +126,10 @@ async def run(
             raise RuntimeError(f"rabbit-replay exited {measured['returncode']}:\n{log_tail(output)}")
         depth = await queue_depth(channel, sizes.messages)
         await queue.delete(if_unused=False, if_empty=False)
-    database = await asyncpg.connect(database_url)
-    try:
-        history = await database.fetch(HISTORY)
-    finally:
-        await database.close()
-    if len(history) != 1 or history[0]["status"] != "completed" or history[0]["confirmed"] != sizes.messages:
-        raise RuntimeError(f"unexpected replay history: {[dict(row) for row in history]}")
+    history = await completed(database_url, sizes)
     if depth != sizes.messages:
         raise RuntimeError(f"{depth} messages in {TARGET_QUEUE} after the replay, expected {sizes.messages}")
-    publishing_s = float(history[0]["seconds"])
+    publishing_s = float(history["seconds"])
     return {
         "wall_s": measured["wall_s"],
         "incl_startup_msg_per_s": sizes.messages / measured["wall_s"],
@@ -124,7 +138,7 @@ async def run(
         "peak_rss_mb": measured["maxrss_kib"] / 1024,
         "cpu_seconds": measured["cpu_s"],
         "cpu_s_per_10k_msgs": measured["cpu_s"] / sizes.messages * 10_000,
-        "returned": history[0]["returned"],
+        "returned": history["returned"],
         "queue_depth_after": depth,
         "archive_analyzed_before": analyzed_before,
         "archive_analyzed_after": await analyzed(database_url),

@@ -383,12 +383,15 @@ class Publisher:
         if not self._out:
             return
         data = b"".join(self._out)
-        self._out.clear()
-        self._out_bytes = 0
+        self._drop_unwritten()
         connection = self._connection
         if connection is not None and not connection.is_closed:
             # A socket that fails closes the connection, and its channel's close fails what waits.
             connection.write_now(data)
+
+    def _drop_unwritten(self) -> None:
+        self._out.clear()
+        self._out_bytes = 0
 
     async def _on_confirm(self, confirms: Confirms, frame: commands.Basic.Ack | commands.Basic.Nack) -> None:
         # Called by the channel's reader in frame order, so a message's basic.return (counted in
@@ -408,17 +411,16 @@ class Publisher:
     async def _on_close_frame(
         self,
         confirms: Confirms,
-        aiormqs: Callable[[commands.Channel.Close], Awaitable[None]],
+        answer_close: Callable[[commands.Channel.Close], Awaitable[None]],
         frame: commands.Channel.Close,
     ) -> None:
         # Before aiormq answers the broker's channel.close with close-ok: no publish may follow
         # that on the wire, or the broker closes the whole connection (a frame on a closed
         # channel), and the reason (a refused permission) would be lost.
         if confirms is self._confirms:
-            self._out.clear()
-            self._out_bytes = 0
+            self._drop_unwritten()
         self._channel_failed(confirms, exception_by_code(frame))
-        await aiormqs(frame)
+        await answer_close(frame)  # aiormq's own: close-ok, then the channel closes
 
     def _on_channel_closed(self, confirms: Confirms, closing: "asyncio.Future[Any]") -> None:
         error = None if closing.cancelled() else closing.exception()
@@ -454,8 +456,7 @@ class Publisher:
     async def close(self) -> None:
         """Close the connection (confirms still outstanding are abandoned)."""
         # Bytes of this connection's channel must never reach the next one.
-        self._out.clear()
-        self._out_bytes = 0
+        self._drop_unwritten()
         if self._connection is not None:
             with contextlib.suppress(*CONNECTION_LOST_ERRORS, RuntimeError):
                 # A blocked or silent broker never answers connection.close.
