@@ -1,41 +1,41 @@
 """Every SQL statement of rabbit-archive, named; values are always parameters."""
 
-# Redelivered messages whose rows were committed before a crash: match one pending
-# fingerprint of an earlier broker session per redelivered copy (a multiset match), returning
-# the ones matched. A matched row is not deleted but moves to the current batch ($2) and
-# session ($3): if this batch's ack is lost too, the next redelivery still finds it; and a
-# copy delivered in this session can only come back in a later one.
-CLAIM_PENDING = """
-WITH wanted AS (
-    SELECT fingerprint, count(*) AS copies
-    FROM unnest($1::bytea[]) AS fingerprint
-    GROUP BY fingerprint
-), candidates AS (
-    SELECT p.ctid AS row_id,
-           row_number() OVER (PARTITION BY p.fingerprint ORDER BY p.created_at) AS rank,
-           w.copies
-    FROM rabbit_archive.capture_pending AS p
-    JOIN wanted AS w ON w.fingerprint = p.fingerprint
-    WHERE p.session_id <> $3::bigint
-)
-UPDATE rabbit_archive.capture_pending AS p
-SET batch_id = $2::bigint, session_id = $3::bigint, created_at = now()
-FROM candidates AS c
-WHERE p.ctid = c.row_id AND c.rank <= c.copies
-RETURNING p.fingerprint
+# Pending fingerprints (capture/pending.py): one row per batch, its fingerprints end to end.
+#
+# A redelivered message whose row was committed before a crash is matched against the pending
+# fingerprints of the vhost's earlier broker sessions ($1 vhost, $2 the current session), one
+# per redelivered copy, oldest batch first; the rows are locked until the batch commits. A
+# matched fingerprint is not deleted but moves to the current batch's row: if this batch's ack
+# is lost too, the next redelivery still finds it; and a copy delivered in this session can
+# only come back in a later one.
+PENDING_OF_OTHER_SESSIONS = """
+SELECT ctid, fingerprints FROM rabbit_archive.capture_pending_batches
+WHERE vhost = $1::text AND session_id <> $2::bigint
+ORDER BY created_at, batch_id
+FOR UPDATE
+"""
+PENDING_KEEP = """
+UPDATE rabbit_archive.capture_pending_batches SET fingerprints = $2::bytea WHERE ctid = $1::tid
+"""
+PENDING_DROP = "DELETE FROM rabbit_archive.capture_pending_batches WHERE ctid = $1::tid"
+
+# The fingerprints a batch stored or matched ($4, end to end).
+PENDING_ADD = """
+INSERT INTO rabbit_archive.capture_pending_batches (batch_id, session_id, vhost, fingerprints)
+VALUES ($1::bigint, $2::bigint, $3::text, $4::bytea)
 """
 
 # Batches whose acknowledgement the broker has certainly processed need no fingerprints.
-FORGET_PENDING = "DELETE FROM rabbit_archive.capture_pending WHERE batch_id = ANY($1::bigint[])"
+FORGET_PENDING = "DELETE FROM rabbit_archive.capture_pending_batches WHERE batch_id = ANY($1::bigint[])"
 
 # Fingerprints of the vhost's earlier broker sessions ($1 vhost, $2 the current session): the
 # current session has read past every message the broker requeued from them.
 FORGET_OTHER_SESSIONS = """
-DELETE FROM rabbit_archive.capture_pending WHERE vhost = $1::text AND session_id <> $2::bigint
+DELETE FROM rabbit_archive.capture_pending_batches WHERE vhost = $1::text AND session_id <> $2::bigint
 """
 
 # A batch retried after a lost COMMIT reply: its fingerprints (written or matched) exist only if it committed.
-BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending WHERE batch_id = $1)"
+BATCH_COMMITTED = "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending_batches WHERE batch_id = $1)"
 
 # --- schema and database (archive/migrate.py, archive/db.py) -------------------------------
 

@@ -127,13 +127,17 @@ def without_empty_headers(properties_raw: bytes) -> bytes:
     )
 
 
+# Bytes of a fingerprint: pending fingerprints are stored end to end (capture/pending.py).
+FINGERPRINT_SIZE = 16
+
+
 def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: bytes, body: bytes) -> bytes:
     """A 16-byte digest of everything that makes a message itself, for recognising redeliveries.
 
     An empty header table counts as none: a quorum queue that redelivers a message with an
     empty table adds x-delivery-count, and once that is removed the two cannot be told apart.
     """
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.blake2b(digest_size=FINGERPRINT_SIZE)
     for part in (
         vhost.encode("utf-8", "surrogateescape"),
         exchange.encode("utf-8", "surrogateescape"),

@@ -48,18 +48,18 @@ CREATE TABLE rabbit_archive.messages_default PARTITION OF rabbit_archive.message
 
 -- Fingerprints of rows committed but not yet known to be acknowledged: a message the
 -- broker redelivers after a crash between commit and ack is matched here and not stored twice.
--- session_id and vhost name the broker session whose batch (batch_id) wrote or last matched
--- the row (see capture/acks.py).
-CREATE TABLE rabbit_archive.capture_pending (
-    fingerprint bytea NOT NULL,
+-- One row per batch (batch_id), its messages' 16-byte fingerprints end to end; session_id and
+-- vhost name the broker session whose batch wrote or last matched them (see capture/acks.py).
+CREATE TABLE rabbit_archive.capture_pending_batches (
     batch_id bigint NOT NULL,
+    session_id bigint NOT NULL,
+    vhost text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    session_id bigint NOT NULL DEFAULT 0,
-    vhost text NOT NULL DEFAULT ''
+    fingerprints bytea NOT NULL
 );
-CREATE INDEX capture_pending_fingerprint_idx ON rabbit_archive.capture_pending (fingerprint);
-CREATE INDEX capture_pending_batch_idx ON rabbit_archive.capture_pending (batch_id);
-CREATE INDEX capture_pending_session_idx ON rabbit_archive.capture_pending (vhost, session_id);
+ALTER TABLE rabbit_archive.capture_pending_batches ALTER COLUMN fingerprints SET STORAGE EXTERNAL;
+CREATE INDEX capture_pending_batches_batch_idx ON rabbit_archive.capture_pending_batches (batch_id);
+CREATE INDEX capture_pending_batches_session_idx ON rabbit_archive.capture_pending_batches (vhost, session_id);
 
 -- Creates the daily partitions of [first_day, first_day + days) that do not exist yet.
 CREATE FUNCTION rabbit_archive.ensure_partitions(first_day date, days integer)

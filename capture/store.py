@@ -24,10 +24,10 @@ from rabbit_archive.archive.records import (
 )
 from rabbit_archive.capture.batching import Delivery
 from rabbit_archive.capture.binding_states import storable_text
+from rabbit_archive.capture.pending import claim, pack
 
 log = logging.getLogger(__name__)
 
-_PENDING_COLUMNS = ("fingerprint", "batch_id", "session_id", "vhost")
 _EXCHANGE = MESSAGE_COLUMNS.index("exchange")
 _COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")
 
@@ -42,6 +42,8 @@ class WriteResult:
     unstorable: int = 0
     stored_bytes: Counter[str] = field(default_factory=Counter)
     stored_by_exchange: Counter[str] = field(default_factory=Counter)
+    # The fingerprints the batch leaves pending: of the messages it stored and those it matched.
+    pending: list[bytes] = field(default_factory=list)
 
     def merge(self, other: "WriteResult") -> None:
         """Add another part of the same batch."""
@@ -50,6 +52,7 @@ class WriteResult:
         self.unstorable += other.unstorable
         self.stored_bytes.update(other.stored_bytes)
         self.stored_by_exchange.update(other.stored_by_exchange)
+        self.pending.extend(other.pending)
 
 
 class ArchiveStore(Protocol):
@@ -178,6 +181,10 @@ class PostgresStore:
                 if retry and await connection.fetchval(queries.BATCH_COMMITTED, batch_id):
                     return WriteResult(already_committed=True)
                 result = await self._write_part(connection, vhost, prepared, owner)
+                if result.pending:
+                    await connection.execute(
+                        queries.PENDING_ADD, batch_id, session_id, owner.vhost, pack(result.pending)
+                    )
                 if forget_other_sessions:
                     await connection.execute(queries.FORGET_OTHER_SESSIONS, owner.vhost, session_id)
                 # Every id was taken by now, and this much after captured_at at most: measured here
@@ -220,12 +227,12 @@ class PostgresStore:
         already_stored: Counter[bytes] = Counter()
         redelivered = [item.fingerprint for item in prepared if item.redelivered]
         if redelivered:
-            claimed = await connection.fetch(
-                queries.CLAIM_PENDING, redelivered, owner.batch_id, owner.session_id
-            )
-            already_stored.update(row[0] for row in claimed)
+            matched = await _claim_pending(connection, redelivered, owner)
+            already_stored.update(matched)
+            # Matched fingerprints move to this batch (see queries.PENDING_OF_OTHER_SESSIONS).
+            result.pending.extend(matched)
         records: list[tuple[Any, ...]] = []
-        pending: list[tuple[bytes, int, int, str]] = []
+        pending = result.pending
         for item in prepared:
             if item.redelivered and already_stored[item.fingerprint]:
                 already_stored[item.fingerprint] -= 1
@@ -233,12 +240,12 @@ class PostgresStore:
                 continue
             record = item.record
             records.append((*record, owner.captured_at))
-            pending.append(owner.row(item.fingerprint))
+            pending.append(item.fingerprint)
             result.stored += 1
             # Keyed by the stored text of the name: always printable, safe as a metric label.
             result.stored_by_exchange[record[_EXCHANGE]] += 1
             result.stored_bytes[record[_EXCHANGE]] += item.body_size
-        await _copy(connection, records, pending)
+        await _copy(connection, records)
         return result
 
     async def _write_unstorable(
@@ -255,13 +262,14 @@ class PostgresStore:
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
         log.error("message_unstorable", extra={"exchange": row[_EXCHANGE], "error": reason})
-        await _copy(connection, [(*row, owner.captured_at)], [owner.row(item.fingerprint)])
+        await _copy(connection, [(*row, owner.captured_at)])
         stored_exchange = row[_EXCHANGE]
         return WriteResult(
             stored=1,
             unstorable=1,
             stored_bytes=Counter({stored_exchange: item.body_size}),
             stored_by_exchange=Counter({stored_exchange: 1}),
+            pending=[item.fingerprint],
         )
 
     async def forget_pending(self, batch_ids: Sequence[int]) -> None:
@@ -317,21 +325,29 @@ class _Owner:
     # Taken after the selection fence: every row of the batch carries it as captured_at.
     captured_at: datetime
 
-    def row(self, fingerprint: bytes) -> tuple[bytes, int, int, str]:
-        return (fingerprint, self.batch_id, self.session_id, self.vhost)
 
-
-async def _copy(
-    connection: Connection, records: list[tuple[Any, ...]], pending: list[tuple[bytes, int, int, str]]
-) -> None:
-    """The rows of a batch (each ending with its capture time) and their redelivery fingerprints."""
+async def _copy(connection: Connection, records: list[tuple[Any, ...]]) -> None:
+    """The rows of a batch, each ending with its capture time."""
     if records:
         await connection.copy_records_to_table(
             "messages", schema_name="rabbit_archive", columns=_COPY_COLUMNS, records=records
         )
-        await connection.copy_records_to_table(
-            "capture_pending", schema_name="rabbit_archive", columns=_PENDING_COLUMNS, records=pending
-        )
+
+
+async def _claim_pending(connection: Connection, redelivered: list[bytes], owner: _Owner) -> list[bytes]:
+    """Match redelivered fingerprints against the vhost's other sessions' pending rows; returns the matched.
+
+    The rows are locked until the batch commits; what a row gave up leaves it (the row goes
+    when nothing is left).
+    """
+    rows = await connection.fetch(queries.PENDING_OF_OTHER_SESSIONS, owner.vhost, owner.session_id)
+    taken = claim(redelivered, ((row["ctid"], row["fingerprints"]) for row in rows))
+    for row_id, kept in taken.kept:
+        if kept:
+            await connection.execute(queries.PENDING_KEEP, row_id, kept)
+        else:
+            await connection.execute(queries.PENDING_DROP, row_id)
+    return taken.matched
 
 
 async def prune(store_pool: "asyncpg.Pool[asyncpg.Record]", older_than: timedelta) -> int:

@@ -233,7 +233,7 @@ async def test_fingerprints_of_earlier_sessions_go_when_a_later_one_reads_past_t
     fresh = Delivery(1, False, "orders", "k", b"\x00\x00", b"fresh")
     await store.write_batch("v", [fresh], batch_id=3, forget=(), session_id=2, forget_other_sessions=True)
     left = await fetch(
-        database_url, "SELECT vhost, session_id FROM rabbit_archive.capture_pending ORDER BY 1"
+        database_url, "SELECT vhost, session_id FROM rabbit_archive.capture_pending_batches ORDER BY 1"
     )
     # The other vhost's session is not this vhost's to judge.
     assert [(row[0], row[1]) for row in left] == [("other-vhost", 1), ("v", 2)]

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from rabbit_archive.archive import queries
 from rabbit_archive.archive.migrate import apply_migrations, latest_version, migrations, schema_version
 
 pytestmark = pytest.mark.integration
@@ -140,6 +141,42 @@ async def test_concurrent_migrations_apply_each_version_once(create_database: Cr
     finally:
         await first.close()
         await second.close()
+
+
+async def test_fingerprints_pending_at_the_upgrade_to_one_row_per_batch_are_kept(
+    create_database: CreateDatabase,
+) -> None:
+    """A daemon that crashed before 0011 left a row per fingerprint: the upgrade must keep them all."""
+    connection = await asyncpg.connect(await create_database())
+    try:
+        await connection.execute(queries.MIGRATIONS_BOOTSTRAP)
+        for migration in migrations():
+            if migration.version < 11:
+                await connection.execute(migration.sql)
+                await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
+        first, second, third = (bytes([n]) * 16 for n in (1, 2, 3))
+        await connection.executemany(
+            "INSERT INTO rabbit_archive.capture_pending"
+            " (fingerprint, batch_id, session_id, vhost, created_at) VALUES ($1, $2, $3, $4, $5)",
+            [
+                (second, 7, 70, "v", datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC)),
+                (first, 7, 70, "v", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)),
+                (second, 7, 70, "v", datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC)),
+                (third, 8, 80, "w", datetime(2026, 1, 1, 0, 0, 4, tzinfo=UTC)),
+            ],
+        )
+        assert await apply_migrations(connection) == [migration.version for migration in migrations()[10:]]
+        rows = await connection.fetch(
+            "SELECT batch_id, session_id, vhost, created_at, fingerprints"
+            " FROM rabbit_archive.capture_pending_batches ORDER BY batch_id"
+        )
+        assert [tuple(row) for row in rows] == [
+            (7, 70, "v", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), first + second + second),
+            (8, 80, "w", datetime(2026, 1, 1, 0, 0, 4, tzinfo=UTC), third),
+        ]
+        assert await connection.fetchval("SELECT to_regclass('rabbit_archive.capture_pending')") is None
+    finally:
+        await connection.close()
 
 
 async def partitions(connection: asyncpg.Connection) -> list[str]:
