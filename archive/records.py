@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,28 +101,23 @@ def timestamp_view(seconds: int) -> str | int:
         return seconds
 
 
-_HEADERS_FLAG = 1 << 13
-_CONTENT_TYPE_FLAG = 1 << 15
-_CONTENT_ENCODING_FLAG = 1 << 14
-
-
 def without_empty_headers(properties_raw: bytes) -> bytes:
     """The property bytes with an empty header table dropped (see fingerprint)."""
-    if len(properties_raw) < 2:
-        return properties_raw
-    flags = int.from_bytes(properties_raw[:2], "big")
-    if not flags & _HEADERS_FLAG or flags & 1:  # no table, or a second flag word (never sent)
+    # On the first flag byte: 0x80 content-type, 0x40 content-encoding (the short strings
+    # before the table), 0x20 headers; bit 0 of the second marks a second flag word (never sent).
+    if len(properties_raw) < 6 or not properties_raw[0] & 0x20 or properties_raw[1] & 1:
         return properties_raw
     position = 2
-    for flag in (_CONTENT_TYPE_FLAG, _CONTENT_ENCODING_FLAG):  # the short strings before headers
-        if flags & flag:
-            if position >= len(properties_raw):
-                return properties_raw
-            position += 1 + properties_raw[position]
+    if properties_raw[0] & 0x80:
+        position += 1 + properties_raw[2]
+    if properties_raw[0] & 0x40:
+        if position >= len(properties_raw):
+            return properties_raw
+        position += 1 + properties_raw[position]
     if properties_raw[position : position + 4] != b"\x00\x00\x00\x00":
         return properties_raw
     return (
-        (flags & ~_HEADERS_FLAG).to_bytes(2, "big")
+        bytes((properties_raw[0] & ~0x20, properties_raw[1]))
         + properties_raw[2:position]
         + properties_raw[position + 4 :]
     )
@@ -129,6 +125,7 @@ def without_empty_headers(properties_raw: bytes) -> bytes:
 
 # Bytes of a fingerprint: pending fingerprints are stored end to end (capture/pending.py).
 FINGERPRINT_SIZE = 16
+_LENGTH = struct.Struct(">I").pack
 
 
 def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: bytes, body: bytes) -> bytes:
@@ -136,16 +133,30 @@ def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: byt
 
     An empty header table counts as none: a quorum queue that redelivers a message with an
     empty table adds x-delivery-count, and once that is removed the two cannot be told apart.
+    BLAKE2b of each of vhost, exchange, routing key and property bytes after its 4-byte length,
+    then the body: the value must never change, or fingerprints pending across an upgrade
+    would no longer match their redeliveries.
     """
-    digest = hashlib.blake2b(digest_size=FINGERPRINT_SIZE)
-    for part in (
-        vhost.encode("utf-8", "surrogateescape"),
-        exchange.encode("utf-8", "surrogateescape"),
-        routing_key.encode("utf-8", "surrogateescape"),
-        without_empty_headers(properties_raw),
-    ):
-        digest.update(len(part).to_bytes(4, "big"))
-        digest.update(part)
+    vhost_bytes = vhost.encode("utf-8", "surrogateescape")
+    exchange_bytes = exchange.encode("utf-8", "surrogateescape")
+    routing_key_bytes = routing_key.encode("utf-8", "surrogateescape")
+    identity = without_empty_headers(properties_raw)
+    # One update for the short parts, one for the body (never copied).
+    digest = hashlib.blake2b(
+        b"".join(
+            (
+                _LENGTH(len(vhost_bytes)),
+                vhost_bytes,
+                _LENGTH(len(exchange_bytes)),
+                exchange_bytes,
+                _LENGTH(len(routing_key_bytes)),
+                routing_key_bytes,
+                _LENGTH(len(identity)),
+                identity,
+            )
+        ),
+        digest_size=FINGERPRINT_SIZE,
+    )
     digest.update(body)
     return digest.digest()
 
