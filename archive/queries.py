@@ -4,13 +4,21 @@
 #
 # A redelivered message whose row was committed before a crash is matched against the pending
 # fingerprints of the vhost's earlier broker sessions ($1 vhost, $2 the current session), one
-# per redelivered copy, oldest batch first; the rows are locked until the batch commits. A
+# per redelivered copy, oldest batch first. Rows written before migration 0004 have no vhost
+# (''): they are read too, as the fingerprint itself holds the vhost. Matching is done on the
+# rows as read, then again on the rows that matched, locked ($3 their batch ids) until the batch
+# commits: only those, so that two daemons of a vhost do not lock each other's every row. A
 # matched fingerprint is not deleted but moves to the current batch's row: if this batch's ack
 # is lost too, the next redelivery still finds it; and a copy delivered in this session can
 # only come back in a later one.
 PENDING_OF_OTHER_SESSIONS = """
+SELECT batch_id, fingerprints FROM rabbit_archive.capture_pending_batches
+WHERE (vhost = $1::text OR vhost = '') AND session_id <> $2::bigint
+ORDER BY created_at, batch_id
+"""
+PENDING_LOCK = """
 SELECT ctid, fingerprints FROM rabbit_archive.capture_pending_batches
-WHERE vhost = $1::text AND session_id <> $2::bigint
+WHERE batch_id = ANY($3::bigint[]) AND (vhost = $1::text OR vhost = '') AND session_id <> $2::bigint
 ORDER BY created_at, batch_id
 FOR UPDATE
 """

@@ -55,7 +55,7 @@ CREATE TABLE rabbit_archive.capture_pending_batches (
     session_id bigint NOT NULL,
     vhost text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    fingerprints bytea NOT NULL
+    fingerprints bytea NOT NULL CHECK (octet_length(fingerprints) > 0 AND octet_length(fingerprints) % 16 = 0)
 );
 ALTER TABLE rabbit_archive.capture_pending_batches ALTER COLUMN fingerprints SET STORAGE EXTERNAL;
 CREATE INDEX capture_pending_batches_batch_idx ON rabbit_archive.capture_pending_batches (batch_id);

@@ -337,11 +337,17 @@ async def _copy(connection: Connection, records: list[tuple[Any, ...]]) -> None:
 async def _claim_pending(connection: Connection, redelivered: list[bytes], owner: _Owner) -> list[bytes]:
     """Match redelivered fingerprints against the vhost's other sessions' pending rows; returns the matched.
 
-    The rows are locked until the batch commits; what a row gave up leaves it (the row goes
-    when nothing is left).
+    The rows that match are locked until the batch commits and matched again as locked (another
+    daemon of the vhost may have taken some meanwhile); what a row gave up leaves it (the row
+    goes when nothing is left).
     """
-    rows = await connection.fetch(queries.PENDING_OF_OTHER_SESSIONS, owner.vhost, owner.session_id)
-    taken = claim(redelivered, ((row["ctid"], row["fingerprints"]) for row in rows))
+    vhost, session_id = owner.vhost, owner.session_id
+    rows = await connection.fetch(queries.PENDING_OF_OTHER_SESSIONS, vhost, session_id)
+    matching = [batch_id for batch_id, _ in claim(redelivered, ((row[0], row[1]) for row in rows)).kept]
+    if not matching:
+        return []
+    locked = await connection.fetch(queries.PENDING_LOCK, vhost, session_id, matching)
+    taken = claim(redelivered, ((row[0], row[1]) for row in locked))
     for row_id, kept in taken.kept:
         if kept:
             await connection.execute(queries.PENDING_KEEP, row_id, kept)

@@ -1,17 +1,20 @@
 """A message redelivered after a crash between commit and ack is recognised and not stored twice."""
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiormq
 import aiormq.abc
+import asyncpg
 import pika
 import pytest
 
 from rabbit_archive.archive import content_header, frames
 from rabbit_archive.archive.db import create_pool
 from rabbit_archive.archive.migrate import apply_migrations
+from rabbit_archive.archive.records import fingerprint
 from rabbit_archive.capture.batching import Delivery
 from rabbit_archive.capture.store import PostgresStore
 
@@ -242,3 +245,23 @@ async def test_fingerprints_of_earlier_sessions_go_when_a_later_one_reads_past_t
         "v", [Delivery(5, True, "orders", "k", b"\x00\x00", b"same")], batch_id=4, forget=(), session_id=3
     )
     assert (result.stored, result.duplicates) == (1, 0)
+
+
+async def test_a_fingerprint_written_before_pending_rows_named_their_vhost_still_matches(
+    store: PostgresStore, database_url: str
+) -> None:
+    """Rows from before migration 0004 have vhost '' and session 0, and were matched in any vhost."""
+    message = Delivery(1, False, "orders", "k", b"\x00\x00", b"old")
+    digest = fingerprint("v", "orders", "k", b"\x00\x00", b"old")
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "INSERT INTO rabbit_archive.capture_pending_batches (batch_id, session_id, vhost, fingerprints)"
+            " VALUES (1, 0, '', $1)",
+            digest,
+        )
+    finally:
+        await connection.close()
+    redelivered = dataclasses.replace(message, redelivered=True)
+    result = await store.write_batch("v", [redelivered], batch_id=2, forget=(), session_id=5)
+    assert (result.stored, result.duplicates) == (0, 1)

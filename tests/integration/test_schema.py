@@ -179,6 +179,39 @@ async def test_fingerprints_pending_at_the_upgrade_to_one_row_per_batch_are_kept
         await connection.close()
 
 
+async def test_fingerprints_an_old_daemon_commits_while_the_upgrade_runs_are_kept(
+    create_database: CreateDatabase,
+) -> None:
+    """The upgrade waits for a batch of the old version in flight and carries its fingerprints over."""
+    url = await create_database()
+    connection, old_daemon = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        await connection.execute(queries.MIGRATIONS_BOOTSTRAP)
+        for migration in migrations():
+            if migration.version < 11:
+                await connection.execute(migration.sql)
+                await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
+        in_flight = old_daemon.transaction()
+        await in_flight.start()
+        await old_daemon.execute(
+            "INSERT INTO rabbit_archive.capture_pending (fingerprint, batch_id, session_id, vhost)"
+            " VALUES ($1, 1, 10, 'v')",
+            b"\x01" * 16,
+        )
+        upgrade = asyncio.ensure_future(apply_migrations(connection))
+        await asyncio.sleep(0.5)
+        assert not upgrade.done()  # waiting for the batch in flight
+        await in_flight.commit()
+        await asyncio.wait_for(upgrade, timeout=10)
+        rows = await connection.fetch(
+            "SELECT batch_id, session_id, vhost, fingerprints FROM rabbit_archive.capture_pending_batches"
+        )
+        assert [tuple(row) for row in rows] == [(1, 10, "v", b"\x01" * 16)]
+    finally:
+        await connection.close()
+        await old_daemon.close()
+
+
 async def partitions(connection: asyncpg.Connection) -> list[str]:
     rows = await connection.fetch(
         """
