@@ -337,23 +337,36 @@ async def _copy(connection: Connection, records: list[tuple[Any, ...]]) -> None:
 async def _claim_pending(connection: Connection, redelivered: list[bytes], owner: _Owner) -> list[bytes]:
     """Match redelivered fingerprints against the vhost's other sessions' pending rows; returns the matched.
 
-    The rows that match are locked until the batch commits and matched again as locked (another
-    daemon of the vhost may have taken some meanwhile); what a row gave up leaves it (the row
-    goes when nothing is left).
+    The rows that match as read are locked until the batch commits and matched again as locked;
+    what a row gave up leaves it (the row goes when nothing is left). Another daemon of the
+    vhost may have taken from those rows or deleted them while this one waited for the lock:
+    then what is still unmatched is looked for again, in rows it may have missed the first time.
+    Each round after the first follows a commit of another transaction that took fingerprints,
+    and rows only ever lose them, so the rounds end.
     """
     vhost, session_id = owner.vhost, owner.session_id
-    rows = await connection.fetch(queries.PENDING_OF_OTHER_SESSIONS, vhost, session_id)
-    matching = [batch_id for batch_id, _ in claim(redelivered, ((row[0], row[1]) for row in rows)).kept]
-    if not matching:
-        return []
-    locked = await connection.fetch(queries.PENDING_LOCK, vhost, session_id, matching)
-    taken = claim(redelivered, ((row[0], row[1]) for row in locked))
-    for row_id, kept in taken.kept:
-        if kept:
-            await connection.execute(queries.PENDING_KEEP, row_id, kept)
-        else:
-            await connection.execute(queries.PENDING_DROP, row_id)
-    return taken.matched
+    wanted = list(redelivered)
+    matched: list[bytes] = []
+    while wanted:
+        rows = await connection.fetch(queries.PENDING_OF_OTHER_SESSIONS, vhost, session_id)
+        expected = claim(wanted, ((row[0], row[1]) for row in rows))
+        if not expected.matched:
+            break
+        matching = [batch_id for batch_id, _ in expected.kept]
+        locked = await connection.fetch(queries.PENDING_LOCK, vhost, session_id, matching)
+        taken = claim(wanted, ((row[0], row[1]) for row in locked))
+        for row_id, kept in taken.kept:
+            if kept:
+                await connection.execute(queries.PENDING_KEEP, row_id, kept)
+            else:
+                await connection.execute(queries.PENDING_DROP, row_id)
+        matched.extend(taken.matched)
+        if len(taken.matched) == len(expected.matched):
+            break
+        left = Counter(wanted)
+        left.subtract(taken.matched)
+        wanted = list(left.elements())
+    return matched
 
 
 async def prune(store_pool: "asyncpg.Pool[asyncpg.Record]", older_than: timedelta) -> int:

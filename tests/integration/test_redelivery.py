@@ -15,6 +15,7 @@ from rabbit_archive.archive import content_header, frames
 from rabbit_archive.archive.db import create_pool
 from rabbit_archive.archive.migrate import apply_migrations
 from rabbit_archive.archive.records import fingerprint
+from rabbit_archive.capture import store as store_module
 from rabbit_archive.capture.batching import Delivery
 from rabbit_archive.capture.store import PostgresStore
 
@@ -265,3 +266,39 @@ async def test_a_fingerprint_written_before_pending_rows_named_their_vhost_still
     redelivered = dataclasses.replace(message, redelivered=True)
     result = await store.write_batch("v", [redelivered], batch_id=2, forget=(), session_id=5)
     assert (result.stored, result.duplicates) == (0, 1)
+
+
+async def test_a_redelivery_is_recognised_when_another_daemon_takes_the_copy_it_first_found(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pending copies of one message, two daemons of the vhost each redelivered one.
+
+    The other daemon takes the older copy and has not committed; this one read that copy too
+    and waits for the row's lock. Once the other commits, this one must find the second copy.
+    """
+    twin = Delivery(1, False, "orders", "k", b"\x00\x00", b"twin")
+    await store.write_batch("v", [twin], batch_id=1, forget=(), session_id=10)
+    await store.write_batch("v", [twin], batch_id=2, forget=(), session_id=10)
+    redelivered = dataclasses.replace(twin, redelivered=True)
+    held, release = asyncio.Event(), asyncio.Event()
+    real_copy = store_module._copy
+
+    async def copy_then_hold(connection: Any, records: list[Any]) -> None:
+        await real_copy(connection, records)
+        if not held.is_set():  # only the first write: the other daemon's
+            held.set()
+            await release.wait()
+
+    monkeypatch.setattr(store_module, "_copy", copy_then_hold)
+    other_daemon = asyncio.create_task(
+        store.write_batch("v", [redelivered], batch_id=3, forget=(), session_id=30)
+    )
+    await asyncio.wait_for(held.wait(), 10)
+    this_daemon = asyncio.create_task(
+        store.write_batch("v", [redelivered], batch_id=4, forget=(), session_id=20)
+    )
+    await asyncio.sleep(0.5)  # this one has read the pending rows and waits for the older one's lock
+    release.set()
+    other, this = await asyncio.wait_for(asyncio.gather(other_daemon, this_daemon), 10)
+    assert (other.stored, other.duplicates) == (0, 1)
+    assert (this.stored, this.duplicates) == (0, 1)

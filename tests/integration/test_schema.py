@@ -193,13 +193,17 @@ async def test_fingerprints_an_old_daemon_commits_while_the_upgrade_runs_are_kep
                 await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
         in_flight = old_daemon.transaction()
         await in_flight.start()
+        # A retried batch of the old version reads the table first (did it commit?), then writes.
+        await old_daemon.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM rabbit_archive.capture_pending WHERE batch_id = 1)"
+        )
+        upgrade = asyncio.ensure_future(apply_migrations(connection))
+        await asyncio.sleep(0.5)
         await old_daemon.execute(
             "INSERT INTO rabbit_archive.capture_pending (fingerprint, batch_id, session_id, vhost)"
             " VALUES ($1, 1, 10, 'v')",
             b"\x01" * 16,
         )
-        upgrade = asyncio.ensure_future(apply_migrations(connection))
-        await asyncio.sleep(0.5)
         assert not upgrade.done()  # waiting for the batch in flight
         await in_flight.commit()
         await asyncio.wait_for(upgrade, timeout=10)
