@@ -26,6 +26,7 @@ import httpx
 import pika
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.expected_conditions import staleness_of
@@ -108,6 +109,17 @@ def until(driver: webdriver.Chrome, css: str) -> list[WebElement]:
         lambda d: d.find_elements(By.CSS_SELECTOR, css), message=f"no {css} on {driver.current_url}"
     )
     return found
+
+
+def wait_for_text(driver: webdriver.Chrome, by: str, value: str, text: str) -> None:
+    """Wait until the element reads `text`: a page that replaces itself meanwhile (a form posted, a
+    redirect) leaves the element first found stale, so it is found again."""
+    WebDriverWait(
+        driver, WAIT, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+    ).until(
+        lambda d: d.find_element(by, value).text == text,
+        message=f"no {value} reading {text!r} on {driver.current_url}",
+    )
 
 
 def search(driver: webdriver.Chrome) -> None:
@@ -222,9 +234,7 @@ def test_search_filter_open_a_message_see_the_chart_preview_and_history(
     search(browser)
     WebDriverWait(browser, WAIT).until(lambda d: "header=tenant%3Dacme" in d.current_url)
     until(browser, "#traffic svg rect")
-    WebDriverWait(browser, WAIT).until(
-        lambda d: d.find_element(By.ID, "match-count").text == "20 messages match"
-    )
+    wait_for_text(browser, By.ID, "match-count", "20 messages match")
     rows = browser.find_elements(By.CSS_SELECTOR, "table.messages tbody tr")
     assert len(rows) == 20
     assert {row.find_elements(By.TAG_NAME, "td")[3].text for row in rows} == {"orders"}
@@ -489,12 +499,12 @@ def test_any_address_but_loopback_needs_the_token_and_every_request_carries_it(
     assert browser.find_element(By.TAG_NAME, "h1").text == "Log in"
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
     browser.find_element(By.CSS_SELECTOR, "section.login button").click()
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Replays")
+    wait_for_text(browser, By.TAG_NAME, "h1", "Replays")
     assert urlsplit(browser.current_url).path == "/replays"
     (session,) = browser.get_cookies()
     assert (session["httpOnly"], session["secure"], session["sameSite"]) == (True, True, "Lax")
     browser.get(console.url + "/")
     until(browser, "#traffic")
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "Log in")
+    wait_for_text(browser, By.TAG_NAME, "h1", "Log in")
     assert console.stop() == 0, console.log()
