@@ -173,7 +173,7 @@ class PostgresStore:
                 # Before the fence is asked for, so at or before the moment captured_at is taken.
                 fence_sent = time.monotonic()
                 captured_at = await connection.fetchval(queries.FENCE_CAPTURE, storable_text(vhost))
-                owner = _Owner(batch_id, session_id, storable_text(vhost), captured_at)
+                owner = _Owner(session_id, storable_text(vhost), captured_at)
                 # Fingerprints of acknowledged batches go first, so they can never be
                 # claimed by a later, identical message.
                 if forget:
@@ -183,7 +183,7 @@ class PostgresStore:
                 result = await self._write_part(connection, vhost, prepared, owner)
                 if result.pending:
                     await connection.execute(
-                        queries.PENDING_ADD, batch_id, session_id, owner.vhost, pack(result.pending)
+                        queries.PENDING_ADD, batch_id, owner.session_id, owner.vhost, pack(result.pending)
                     )
                 if forget_other_sessions:
                     await connection.execute(queries.FORGET_OTHER_SESSIONS, owner.vhost, session_id)
@@ -317,9 +317,8 @@ class PostgresStore:
 
 @dataclass(frozen=True, slots=True)
 class _Owner:
-    """The batch, broker session and vhost (as stored) that the fingerprint rows belong to."""
+    """The broker session and vhost (as stored) a batch's fingerprints belong to, and its capture time."""
 
-    batch_id: int
     session_id: int
     vhost: str
     # Taken after the selection fence: every row of the batch carries it as captured_at.

@@ -143,17 +143,22 @@ async def test_concurrent_migrations_apply_each_version_once(create_database: Cr
         await second.close()
 
 
+async def migrate_before(connection: asyncpg.Connection, version: int) -> None:
+    """Apply the migrations older than `version`, as a database of an earlier release has them."""
+    await connection.execute(queries.MIGRATIONS_BOOTSTRAP)
+    for migration in migrations():
+        if migration.version < version:
+            await connection.execute(migration.sql)
+            await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
+
+
 async def test_fingerprints_pending_at_the_upgrade_to_one_row_per_batch_are_kept(
     create_database: CreateDatabase,
 ) -> None:
     """A daemon that crashed before 0011 left a row per fingerprint: the upgrade must keep them all."""
     connection = await asyncpg.connect(await create_database())
     try:
-        await connection.execute(queries.MIGRATIONS_BOOTSTRAP)
-        for migration in migrations():
-            if migration.version < 11:
-                await connection.execute(migration.sql)
-                await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
+        await migrate_before(connection, 11)
         first, second, third = (bytes([n]) * 16 for n in (1, 2, 3))
         await connection.executemany(
             "INSERT INTO rabbit_archive.capture_pending"
@@ -186,11 +191,7 @@ async def test_fingerprints_an_old_daemon_commits_while_the_upgrade_runs_are_kep
     url = await create_database()
     connection, old_daemon = await asyncpg.connect(url), await asyncpg.connect(url)
     try:
-        await connection.execute(queries.MIGRATIONS_BOOTSTRAP)
-        for migration in migrations():
-            if migration.version < 11:
-                await connection.execute(migration.sql)
-                await connection.execute(queries.RECORD_MIGRATION, migration.version, migration.name)
+        await migrate_before(connection, 11)
         in_flight = old_daemon.transaction()
         await in_flight.start()
         # A retried batch of the old version reads the table first (did it commit?), then writes.
