@@ -12,7 +12,9 @@ from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
     Properties,
+    Table,
     decode_properties,
+    decode_property_values,
     encode_properties,
     strip_header,
     table_json_view,
@@ -126,6 +128,36 @@ def without_empty_headers(properties_raw: bytes) -> bytes:
 # Bytes of a fingerprint: pending fingerprints are stored end to end (capture/pending.py).
 FINGERPRINT_SIZE = 16
 _LENGTH = struct.Struct(">I").pack
+_EMPTY_DIGEST = hashlib.blake2b(digest_size=FINGERPRINT_SIZE)
+
+
+# The names' part of recent fingerprints: a vhost's messages go to few exchanges and routing keys,
+# and encoding the three names each time was a quarter of a small message's fingerprint.
+_NAMES_PARTS: dict[tuple[str, str, str], bytes] = {}
+_NAMES_PARTS_KEPT = 4096
+
+
+def _names_part(vhost: str, exchange: str, routing_key: str) -> bytes:
+    """Each name's length (4 bytes) and bytes, for fingerprint."""
+    key = (vhost, exchange, routing_key)
+    part = _NAMES_PARTS.get(key)
+    if part is None:
+        if len(_NAMES_PARTS) >= _NAMES_PARTS_KEPT:
+            _NAMES_PARTS.clear()  # unbounded routing keys: start again rather than grow
+        vhost_bytes = vhost.encode("utf-8", "surrogateescape")
+        exchange_bytes = exchange.encode("utf-8", "surrogateescape")
+        routing_key_bytes = routing_key.encode("utf-8", "surrogateescape")
+        part = _NAMES_PARTS[key] = b"".join(
+            (
+                _LENGTH(len(vhost_bytes)),
+                vhost_bytes,
+                _LENGTH(len(exchange_bytes)),
+                exchange_bytes,
+                _LENGTH(len(routing_key_bytes)),
+                routing_key_bytes,
+            )
+        )
+    return part
 
 
 def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: bytes, body: bytes) -> bytes:
@@ -137,26 +169,11 @@ def fingerprint(vhost: str, exchange: str, routing_key: str, properties_raw: byt
     then the body: the value must never change, or fingerprints pending across an upgrade
     would no longer match their redeliveries.
     """
-    vhost_bytes = vhost.encode("utf-8", "surrogateescape")
-    exchange_bytes = exchange.encode("utf-8", "surrogateescape")
-    routing_key_bytes = routing_key.encode("utf-8", "surrogateescape")
     identity = without_empty_headers(properties_raw)
-    # One update for the short parts, one for the body (never copied).
-    digest = hashlib.blake2b(
-        b"".join(
-            (
-                _LENGTH(len(vhost_bytes)),
-                vhost_bytes,
-                _LENGTH(len(exchange_bytes)),
-                exchange_bytes,
-                _LENGTH(len(routing_key_bytes)),
-                routing_key_bytes,
-                _LENGTH(len(identity)),
-                identity,
-            )
-        ),
-        digest_size=FINGERPRINT_SIZE,
-    )
+    # One update for the short parts, one for the body (never copied); a copy of an empty state
+    # costs less than parsing the constructor's arguments again.
+    digest = _EMPTY_DIGEST.copy()
+    digest.update(b"".join((_names_part(vhost, exchange, routing_key), _LENGTH(len(identity)), identity)))
     digest.update(body)
     return digest.digest()
 
@@ -191,20 +208,32 @@ def message_row(
     exchange_text, exchange_raw = name_columns(exchange)
     routing_key_text, routing_key_raw = name_columns(routing_key)
     try:
-        props = decode_properties(properties_raw)
+        values, present = decode_property_values(properties_raw)
     except CodecError as error:
         # The raw bytes are still stored; the views say why they are empty.
-        props = Properties()
+        values = _NO_VALUES
         properties_json = json.dumps({"$undecodable": str(error)})
     else:
-        properties_json = _to_json(properties_view(props))
+        # properties_view without a Properties object (tests/unit/test_records.py holds them equal).
+        view: dict[str, Any] = {}
+        for index in present:
+            value = values[index]
+            if type(value) is bytes:
+                view[PROPERTY_NAMES[index]] = text_view(value)
+            elif index == _TIMESTAMP:
+                view["timestamp"] = timestamp_view(value)
+            elif index != _HEADERS:
+                view[PROPERTY_NAMES[index]] = value
+        properties_json = _to_json(view)
+    headers: Table | None = values[_HEADERS]
     headers_json = None
     replay_id = None
-    if props.headers is not None:
-        headers_json = _to_json(table_json_view(props.headers))
-        for key, (_type_code, value) in props.headers:
+    if headers is not None:
+        headers_json = _to_json(table_json_view(headers))
+        for key, (_type_code, value) in headers:
             if key == REPLAY_ID_HEADER and isinstance(value, bytes):
                 replay_id = text_view(value)
+    message_id, correlation_id = values[_MESSAGE_ID], values[_CORRELATION_ID]
     return (
         vhost,
         exchange_text,
@@ -215,9 +244,14 @@ def message_row(
         properties_raw,
         properties_json,
         headers_json,
-        text_view(props.message_id) if props.message_id is not None else None,
-        text_view(props.correlation_id) if props.correlation_id is not None else None,
+        text_view(message_id) if message_id is not None else None,
+        text_view(correlation_id) if correlation_id is not None else None,
         body,
         len(body),
         replay_id,
     )
+
+
+_HEADERS, _TIMESTAMP = PROPERTY_NAMES.index("headers"), PROPERTY_NAMES.index("timestamp")
+_MESSAGE_ID, _CORRELATION_ID = PROPERTY_NAMES.index("message_id"), PROPERTY_NAMES.index("correlation_id")
+_NO_VALUES: list[Any] = [None] * len(PROPERTY_NAMES)

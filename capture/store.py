@@ -29,6 +29,7 @@ from rabbit_archive.capture.pending import claim, pack
 log = logging.getLogger(__name__)
 
 _EXCHANGE = MESSAGE_COLUMNS.index("exchange")
+_BODY_SIZE = MESSAGE_COLUMNS.index("body_size")
 _COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")
 
 
@@ -231,20 +232,24 @@ class PostgresStore:
             already_stored.update(matched)
             # Matched fingerprints move to this batch (see queries.PENDING_OF_OTHER_SESSIONS).
             result.pending.extend(matched)
-        records: list[tuple[Any, ...]] = []
-        pending = result.pending
-        for item in prepared:
-            if item.redelivered and already_stored[item.fingerprint]:
-                already_stored[item.fingerprint] -= 1
-                result.duplicates += 1
-                continue
-            record = item.record
-            records.append((*record, owner.captured_at))
-            pending.append(item.fingerprint)
-            result.stored += 1
-            # Keyed by the stored text of the name: always printable, safe as a metric label.
-            result.stored_by_exchange[record[_EXCHANGE]] += 1
-            result.stored_bytes[record[_EXCHANGE]] += item.body_size
+        kept = prepared
+        if already_stored:
+            kept = []
+            for item in prepared:
+                if item.redelivered and already_stored[item.fingerprint]:
+                    already_stored[item.fingerprint] -= 1
+                    result.duplicates += 1
+                else:
+                    kept.append(item)
+        captured_at = owner.captured_at
+        records = [(*item.record, captured_at) for item in kept]
+        result.pending.extend([item.fingerprint for item in kept])
+        result.stored = len(records)
+        # Keyed by the stored text of the name: always printable, safe as a metric label.
+        result.stored_by_exchange.update([record[_EXCHANGE] for record in records])
+        stored_bytes = result.stored_bytes
+        for record in records:
+            stored_bytes[record[_EXCHANGE]] += record[_BODY_SIZE]
         await _copy(connection, records)
         return result
 

@@ -5,16 +5,17 @@ import dataclasses
 import hashlib
 import json
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from rabbit_archive.archive import records
 from rabbit_archive.archive.amqp_codec import (
+    CodecError,
     Properties,
-    Table,
     decode_properties,
     encode_properties,
     table_json_view,
+    text_view,
 )
 from rabbit_archive.archive.records import (
     MESSAGE_COLUMNS,
@@ -24,6 +25,7 @@ from rabbit_archive.archive.records import (
     properties_view,
     without_empty_headers,
 )
+from tests.unit.test_amqp_codec import properties as every_property
 from tests.unit.test_amqp_codec import tables
 
 short = st.one_of(st.none(), st.binary(max_size=20))
@@ -101,26 +103,36 @@ def test_different_bodies_have_different_fingerprints() -> None:
     assert fingerprint("/", "ex", "rk", raw, b"a") != fingerprint("/", "ex", "rk", raw, b"b")
 
 
-@given(
-    headers=st.one_of(st.none(), tables()),
-    message_id=short,
-    timestamp=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
-    priority=st.one_of(st.none(), st.integers(0, 255)),
-)
-def test_the_json_views_say_what_the_standard_encoder_says(
-    headers: Table | None, message_id: bytes | None, timestamp: int | None, priority: int | None
-) -> None:
-    props = Properties(headers=headers, message_id=message_id, timestamp=timestamp, priority=priority)
+@given(every_property)
+def test_the_row_says_what_the_properties_views_and_the_standard_encoder_say(props: Properties) -> None:
+    """The row's views, built without a Properties object, are properties_view's and table_json_view's."""
     row = dict(
         zip(MESSAGE_COLUMNS, message_row("v", "x", "k", False, encode_properties(props), b""), strict=True)
     )
     assert json.loads(row["properties"]) == json.loads(json.dumps(properties_view(props), ensure_ascii=False))
-    if headers is None:
+    assert list(json.loads(row["properties"])) == list(properties_view(props))
+    if props.headers is None:
         assert row["headers"] is None
     else:
         assert json.loads(row["headers"]) == json.loads(
-            json.dumps(table_json_view(headers), ensure_ascii=False)
+            json.dumps(table_json_view(props.headers), ensure_ascii=False)
         )
+    assert row["message_id"] == (None if props.message_id is None else text_view(props.message_id))
+    correlation_id = props.correlation_id
+    assert row["correlation_id"] == (None if correlation_id is None else text_view(correlation_id))
+
+
+@given(st.binary(max_size=40))
+def test_undecodable_properties_are_kept_with_the_reason(raw: bytes) -> None:
+    try:
+        decode_properties(raw)
+        reason = None
+    except CodecError as error:
+        reason = str(error)
+    assume(reason is not None)
+    row = dict(zip(MESSAGE_COLUMNS, message_row("v", "x", "k", False, raw, b""), strict=True))
+    assert json.loads(row["properties"]) == {"$undecodable": reason}
+    assert (row["properties_raw"], row["headers"], row["message_id"]) == (raw, None, None)
 
 
 def test_a_view_orjson_refuses_is_written_by_the_standard_encoder() -> None:
