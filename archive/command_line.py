@@ -1,6 +1,7 @@
 """What both commands do at the edge: one-line errors with exit codes, settings, running one coroutine."""
 
 import asyncio
+import gc
 import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
@@ -12,6 +13,28 @@ from rabbit_archive.archive.logs import setup_logging
 from rabbit_archive.config import ConfigError, Settings, load_settings
 
 T = TypeVar("T")
+
+# Container objects allocated, less those freed, between two passes of the cyclic garbage
+# collector over its youngest generation (Python's default is 700), for a daemon moving messages
+# in bulk: see collect_garbage_in_bulk.
+BULK_COLLECTOR_THRESHOLD = 20_000
+
+
+def collect_garbage_in_bulk() -> None:
+    """Tune the cyclic garbage collector for a process that moves messages in bulk, once started.
+
+    Each message keeps a few container objects alive until its batch is written (the delivery,
+    what was prepared of it): at Python's default threshold the collector passed every couple of
+    hundred messages and looked at each of them, and its full passes at the ~56,000 objects of
+    the loaded modules besides, 50 ms each. Measured with gc.callbacks in a 100,000-message drain:
+    0.2-0.3 s of the daemon's 2.5-3 s of CPU. The objects that exist now (modules, settings) live
+    as long as the process: they are frozen, never looked at again. The youngest generation is
+    collected every BULK_COLLECTOR_THRESHOLD allocations: most of a batch's objects are freed
+    before a pass sees them. Garbage in reference cycles waits longer for a pass, that many
+    objects at most.
+    """
+    gc.freeze()
+    gc.set_threshold(BULK_COLLECTOR_THRESHOLD, 10, 10)
 
 
 class CommandLine:

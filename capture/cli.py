@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rabbit_archive.archive.command_line import CommandLine
+from rabbit_archive.archive.command_line import CommandLine, collect_garbage_in_bulk
 from rabbit_archive.capture import operations, rendering
 from rabbit_archive.capture.daemon import run_daemon
 from rabbit_archive.config import ConfigError, Settings, parse_duration
@@ -39,6 +39,7 @@ def _management_settings() -> Settings:
 def run() -> None:
     """Run the capture daemon until SIGTERM or SIGINT."""
     settings = _management_settings()
+    collect_garbage_in_bulk()
     run_async(lambda: run_daemon(settings))
 
 
