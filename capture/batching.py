@@ -38,13 +38,17 @@ class Batcher:
     max_count: int
     max_bytes: int
     _items: list[Delivery] = field(default_factory=list)
+    # Each buffered delivery's size, worked out once as it was added.
+    _sizes: list[int] = field(default_factory=list)
     _bytes: int = 0
     _writing: bool = False
 
     def add(self, delivery: Delivery) -> None:
         """Append a delivery."""
+        size = delivery.size
         self._items.append(delivery)
-        self._bytes += delivery.size
+        self._sizes.append(size)
+        self._bytes += size
 
     def __len__(self) -> int:
         return len(self._items)
@@ -76,15 +80,18 @@ class Batcher:
         """
         if self._writing:
             raise RuntimeError("a batch is already being written")
-        items = self._items
-        count, size = 0, 0
-        for item in items:
-            if count and (count >= self.max_count or size + item.size > self.max_bytes):
-                break
-            count += 1
-            size += item.size
-        batch, rest = items[:count], items[count:]
-        self._items = rest
+        items, sizes = self._items, self._sizes
+        if len(items) <= self.max_count and self._bytes <= self.max_bytes:
+            count, size = len(items), self._bytes  # all of it fits: no need to look at each
+        else:
+            count, size = 0, 0
+            for item_size in sizes:
+                if count and (count >= self.max_count or size + item_size > self.max_bytes):
+                    break
+                count += 1
+                size += item_size
+        batch, self._items = items[:count], items[count:]
+        self._sizes = sizes[count:]
         self._bytes -= size
         # Taking from an empty buffer starts no write.
         self._writing = bool(batch)
@@ -98,5 +105,6 @@ class Batcher:
         """Forget every buffered delivery (their channel is gone); returns how many."""
         dropped = len(self._items)
         self._items = []
+        self._sizes = []
         self._bytes = 0
         return dropped
