@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from rabbit_archive.archive.db import DATABASE_ERRORS, create_pool, database_error
+from rabbit_archive.archive.db import DATABASE_ERRORS, create_pool, database_error, remember_timestamps
 from rabbit_archive.archive.errors import (
     ArchiveError,
     BrokerUnavailable,
@@ -42,7 +42,11 @@ async def open_database(
         try:
             # A write that hangs on a half-open connection times out and is retried.
             pool = await create_pool(
-                settings.database_url, create_database=True, max_size=4, command_timeout=60
+                settings.database_url,
+                create_database=True,
+                max_size=4,
+                command_timeout=60,
+                init=remember_timestamps,
             )
             try:
                 applied = await _migrate(pool)

@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from rabbit_archive.archive import content_header, frames
-from rabbit_archive.archive.db import create_pool
+from rabbit_archive.archive.db import create_pool, remember_timestamps
 from rabbit_archive.archive.migrate import apply_migrations
 from rabbit_archive.archive.records import fingerprint
 from rabbit_archive.capture import store as store_module
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[PostgresStore]:
-    """A migrated archive in the test's database."""
-    pool = await create_pool(database_url, create_database=True)
+    """A migrated archive in the test's database, its pool set up as the daemon's."""
+    pool = await create_pool(database_url, create_database=True, init=remember_timestamps)
     async with pool.acquire() as connection:
         await apply_migrations(connection)
     try:
