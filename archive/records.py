@@ -1,5 +1,6 @@
 """The archive row of a message: which columns the messages table has and how a delivery fills them."""
 
+import functools
 import hashlib
 import json
 import struct
@@ -12,12 +13,11 @@ from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
     Properties,
-    Table,
     decode_properties,
     decode_property_values,
+    decode_table_view,
     encode_properties,
     strip_header,
-    table_json_view,
     text_view,
 )
 
@@ -208,7 +208,7 @@ def message_row(
     exchange_text, exchange_raw = name_columns(exchange)
     routing_key_text, routing_key_raw = name_columns(routing_key)
     try:
-        values, present = decode_property_values(properties_raw)
+        values, present = decode_property_values(properties_raw, _HEADERS_VIEW)
     except CodecError as error:
         # The raw bytes are still stored; the views say why they are empty.
         values = _NO_VALUES
@@ -225,14 +225,13 @@ def message_row(
             elif index != _HEADERS:
                 view[PROPERTY_NAMES[index]] = value
         properties_json = _to_json(view)
-    headers: Table | None = values[_HEADERS]
     headers_json = None
     replay_id = None
-    if headers is not None:
-        headers_json = _to_json(table_json_view(headers))
-        for key, (_type_code, value) in headers:
-            if key == REPLAY_ID_HEADER and isinstance(value, bytes):
-                replay_id = text_view(value)
+    if values[_HEADERS] is not None:
+        headers_view, replay_id_raw = values[_HEADERS]
+        headers_json = _to_json(headers_view)
+        if replay_id_raw is not None:
+            replay_id = text_view(replay_id_raw)
     message_id, correlation_id = values[_MESSAGE_ID], values[_CORRELATION_ID]
     return (
         vhost,
@@ -255,3 +254,5 @@ def message_row(
 _HEADERS, _TIMESTAMP = PROPERTY_NAMES.index("headers"), PROPERTY_NAMES.index("timestamp")
 _MESSAGE_ID, _CORRELATION_ID = PROPERTY_NAMES.index("message_id"), PROPERTY_NAMES.index("correlation_id")
 _NO_VALUES: list[Any] = [None] * len(PROPERTY_NAMES)
+# The headers as the row needs them: their JSON view and the last bytes value of x-replay-id.
+_HEADERS_VIEW = functools.partial(decode_table_view, find=REPLAY_ID_HEADER)

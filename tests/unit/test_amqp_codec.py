@@ -18,7 +18,7 @@ import pamqp.encode
 import pika.data
 import pika.spec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rabbit_archive.archive.amqp_codec import (
@@ -29,6 +29,7 @@ from rabbit_archive.archive.amqp_codec import (
     Table,
     decode_properties,
     decode_table,
+    decode_table_view,
     encode_properties,
     encode_table,
     strip_header,
@@ -738,3 +739,48 @@ def test_unencodable_tables(table: Table) -> None:
 def test_unencodable_properties(props: Properties) -> None:
     with pytest.raises(CodecError):
         encode_properties(props)
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return "value", call()
+    except CodecError as error:
+        return "error", str(error)
+
+
+NAN_BITS = b"\x7f\xf8" + bytes(6)  # a double NaN, kept as its bytes
+
+
+def _table_then_view(raw: bytes, offset: int, find: bytes) -> tuple[tuple[dict[str, Any], bytes | None], int]:
+    """decode_table_view's reference: the table, its view, its last bytes value under `find`."""
+    table, end = decode_table(raw, offset)
+    found = None
+    for key, (_letter, value) in table:
+        if key == find and isinstance(value, bytes):
+            found = value
+    return (table_json_view(table), found), end
+
+
+@SETTINGS
+@given(tables(st.one_of(st.just(KEY), st.binary(max_size=12))), st.binary(max_size=4))
+@example(table=[(KEY, ("S", b"first")), (b"k", ("T", 0)), (KEY, ("x", b"last"))], before=b"")
+@example(
+    table=[(KEY, ("x", b"first")), (KEY, ("l", 1)), (KEY, ("d", b"\x7f\xf8" + bytes(6)))], before=b"\x00"
+)
+def test_a_table_view_decoded_at_once_is_the_table_then_its_view(table: Table, before: bytes) -> None:
+    raw = before + encode_table(table)
+    at_once = decode_table_view(raw, len(before), KEY)
+    assert at_once == _table_then_view(raw, len(before), KEY)
+    assert list(at_once[0][0]) == list(table_json_view(table))  # the same keys in the same order
+
+
+@SETTINGS
+@given(st.binary(max_size=64), raw_tables, st.integers(0, 200), st.binary(min_size=1, max_size=3))
+def test_a_table_view_decoded_at_once_fails_as_the_table_does(
+    garbage: bytes, raw: bytes, at: int, noise: bytes
+) -> None:
+    corrupted = raw[:at] + noise + raw[at + len(noise) :]
+    for blob in (garbage, corrupted, raw):
+        assert _outcome(lambda blob=blob: decode_table_view(blob, 0, KEY)) == _outcome(
+            lambda blob=blob: _table_then_view(blob, 0, KEY)
+        )
