@@ -294,6 +294,10 @@ class TcpProxy:
         # Everything below is only touched from the proxy thread (ints are read elsewhere).
         self._connections: set[_Connection] = set()
         self._blocked = False
+        # Set while stopping: a client accepted after the connections were cut is turned away,
+        # or its connections would outlive the loop and be garbage collected unclosed later, in
+        # some other test (a ResourceWarning, an error under filterwarnings).
+        self._stopping = False
         self._open = 0
         self._frame_cut: FrameCut | None = None
 
@@ -318,6 +322,7 @@ class TcpProxy:
             daemon=True,
         )
         self._loop, self._thread = loop, thread
+        self._stopping = False
         thread.start()
         try:
             self._server = self._call(self._listen)
@@ -454,7 +459,7 @@ class TcpProxy:
         return server
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._blocked:
+        if self._blocked or self._stopping:
             writer.transport.abort()
             return
         connection = _Connection(writer)
@@ -571,9 +576,11 @@ class TcpProxy:
         self._blocked = False
 
     async def _shutdown(self) -> None:
+        self._stopping = True
         server = self._server
         if server is not None:
             server.close()
         await self._cut()
         if server is not None:
             await server.wait_closed()
+        await self._cut()  # any accepted while the first cut was awaited
