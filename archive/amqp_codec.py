@@ -201,16 +201,22 @@ def _decode_items(data: bytes, pos: int, end: int) -> list[FieldValue]:
     return items
 
 
-def decode_table(data: Buffer, offset: int = 0) -> tuple[Table, int]:
-    """Decode the length-prefixed field table at ``offset``; return it and the offset after it."""
-    if type(data) is not bytes:
-        data = bytes(data)
+def _table_bounds(data: bytes, offset: int) -> tuple[int, int]:
+    """Where the entries of the length-prefixed table at ``offset`` start and end."""
     if offset < 0 or offset + 4 > len(data):
         raise _truncated("table length", offset)
     start = offset + 4
     end = start + _U32.unpack_from(data, offset)[0]
     if end > len(data):
         raise _truncated("table", offset)
+    return start, end
+
+
+def decode_table(data: Buffer, offset: int = 0) -> tuple[Table, int]:
+    """Decode the length-prefixed field table at ``offset``; return it and the offset after it."""
+    if type(data) is not bytes:
+        data = bytes(data)
+    start, end = _table_bounds(data, offset)
     try:
         return _decode_entries(data, start, end), end
     except RecursionError:
@@ -227,15 +233,9 @@ def decode_table_view(
     straight to their view. Same values and same errors as ``decode_table`` then ``table_json_view``
     (tests/unit/test_amqp_codec.py compares them over generated tables).
     """
-    if offset < 0 or offset + 4 > len(data):
-        raise _truncated("table length", offset)
-    start = offset + 4
-    end = start + _U32.unpack_from(data, offset)[0]
-    if end > len(data):
-        raise _truncated("table", offset)
+    pos, end = _table_bounds(data, offset)
     view: dict[str, Any] = {}
     found = None
-    pos = start
     try:
         while pos < end:
             kend = pos + 1 + data[pos]
@@ -243,6 +243,7 @@ def decode_table_view(
                 raise _truncated("table entry", pos)
             key = data[pos + 1 : kend]
             code = data[kend]
+            # _decode_entries' strings and integers, each straight to its view.
             if code == 0x53:
                 first = kend + 5
                 if first > end:

@@ -12,7 +12,6 @@ import orjson
 from rabbit_archive.archive.amqp_codec import (
     PROPERTY_NAMES,
     CodecError,
-    Properties,
     decode_properties,
     decode_property_values,
     decode_table_view,
@@ -66,9 +65,6 @@ def _to_json(view: dict[str, Any]) -> str:
         return _standard_json(view)
 
 
-_SCALAR_PROPERTIES = tuple(name for name in PROPERTY_NAMES if name != "headers")
-
-
 def name_columns(name: str) -> tuple[str, bytes | None]:
     """Text view and, when the text cannot hold it exactly, the raw bytes of an AMQP short string."""
     if name.isascii() and "\x00" not in name:
@@ -77,22 +73,6 @@ def name_columns(name: str) -> tuple[str, bytes | None]:
     raw = name.encode("utf-8", "surrogateescape")
     view = text_view(raw)
     return view, (raw if view != name or "\x00" in name else None)
-
-
-def properties_view(props: Properties) -> dict[str, Any]:
-    """JSON view of the basic properties other than headers, keyed by their AMQP spec names."""
-    view: dict[str, Any] = {}
-    for name in _SCALAR_PROPERTIES:
-        value = getattr(props, name)
-        if value is None:
-            continue
-        if isinstance(value, bytes):
-            view[name] = text_view(value)
-        elif name == "timestamp":
-            view[name] = timestamp_view(value)
-        else:
-            view[name] = value
-    return view
 
 
 def timestamp_view(seconds: int) -> str | int:
@@ -214,7 +194,8 @@ def message_row(
         values = _NO_VALUES
         properties_json = json.dumps({"$undecodable": str(error)})
     else:
-        # properties_view without a Properties object (tests/unit/test_records.py holds them equal).
+        # The JSON view of the properties other than headers, keyed by their AMQP spec names
+        # (tests/unit/test_records.py holds it equal to the view of a Properties object).
         view: dict[str, Any] = {}
         for index in present:
             value = values[index]

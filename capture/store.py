@@ -107,7 +107,6 @@ class _Prepared:
     # No reference back to the delivery: the delivery holds this, and a cycle would keep large
     # bodies alive until the garbage collector's next pass instead of freeing them with the batch.
     redelivered: bool
-    body_size: int
     fingerprint: bytes
     record: tuple[Any, ...]
 
@@ -148,7 +147,7 @@ class PostgresStore:
         exchange, routing_key = delivery.exchange, delivery.routing_key
         redelivered, body = delivery.redelivered, delivery.body
         record = message_row(vhost, exchange, routing_key, redelivered, properties_raw, body)
-        return _Prepared(redelivered, len(body), digest, record)
+        return _Prepared(redelivered, digest, record)
 
     async def write_batch(
         self,
@@ -272,7 +271,7 @@ class PostgresStore:
         return WriteResult(
             stored=1,
             unstorable=1,
-            stored_bytes=Counter({stored_exchange: item.body_size}),
+            stored_bytes=Counter({stored_exchange: row[_BODY_SIZE]}),
             stored_by_exchange=Counter({stored_exchange: 1}),
             pending=[item.fingerprint],
         )

@@ -4,12 +4,14 @@ the JSON views say what the standard encoder says."""
 import dataclasses
 import hashlib
 import json
+from typing import Any
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from rabbit_archive.archive import records
 from rabbit_archive.archive.amqp_codec import (
+    PROPERTY_NAMES,
     CodecError,
     Properties,
     decode_properties,
@@ -22,7 +24,7 @@ from rabbit_archive.archive.records import (
     clean_properties,
     fingerprint,
     message_row,
-    properties_view,
+    timestamp_view,
     without_empty_headers,
 )
 from tests.unit.test_amqp_codec import properties as every_property
@@ -101,6 +103,22 @@ def test_the_fingerprint_of_a_message_never_changes(
 def test_different_bodies_have_different_fingerprints() -> None:
     raw = encode_properties(Properties(message_id=b"m"))
     assert fingerprint("/", "ex", "rk", raw, b"a") != fingerprint("/", "ex", "rk", raw, b"b")
+
+
+def properties_view(props: Properties) -> dict[str, Any]:
+    """The row's property view as it was first defined: from a Properties object, by name."""
+    view: dict[str, Any] = {}
+    for name in PROPERTY_NAMES:
+        value = getattr(props, name)
+        if value is None or name == "headers":
+            continue
+        if isinstance(value, bytes):
+            view[name] = text_view(value)
+        elif name == "timestamp":
+            view[name] = timestamp_view(value)
+        else:
+            view[name] = value
+    return view
 
 
 @given(every_property)
