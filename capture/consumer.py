@@ -241,9 +241,12 @@ class VhostCapture:
                             self._settings.queue, firehose.TRACE_EXCHANGE, firehose.PUBLISH_EVENTS
                         ),
                     )
+                    self._health.set_bound(self._vhost)
                 else:
                     group.create_task(
-                        self._bindings.keep(connection, self._vhost, self._stop),
+                        self._bindings.keep(
+                            connection, self._vhost, self._stop, lambda: self._health.set_bound(self._vhost)
+                        ),
                         name=f"bindings:{self._vhost}",
                     )
                 group.create_task(self._consume(channel, gate), name=f"consume:{self._vhost}")

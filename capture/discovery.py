@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -122,8 +123,17 @@ class BindingKeeper:
             plan = with_default_exchange_traces(plan)
         return plan, current_archive_bindings(bindings, settings.queue)
 
-    async def keep(self, connection: aiormq.abc.AbstractConnection, vhost: str, stop: asyncio.Event) -> None:
+    async def keep(
+        self,
+        connection: aiormq.abc.AbstractConnection,
+        vhost: str,
+        stop: asyncio.Event,
+        reconciled: Callable[[], None] = lambda: None,
+    ) -> None:
         """Reconcile now and every DISCOVERY_INTERVAL until stop; ends with the connection.
+
+        `reconciled` is called after each round that went through (exchanges the broker
+        refused included, as they are reported and retried).
 
         Raises ArchiveQueueRefused when the broker refuses the archive queue itself (no write
         permission on it): the daemon cannot do its job and says so in one line.
@@ -136,6 +146,7 @@ class BindingKeeper:
             started = loop.time()
             try:
                 await self.reconcile_once(channels, vhost)
+                reconciled()
             except ArchiveQueueRefused:
                 raise
             except (BrokerUnavailable, UsageError) as error:

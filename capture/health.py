@@ -15,6 +15,9 @@ class Health:
     vhosts: tuple[str, ...] = ()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _consuming: set[str] = field(default_factory=set)
+    # Vhosts whose bindings have been reconciled once: before that, a message published to an
+    # exchange (or, with SOURCE=bindings+default, straight into a queue) may reach no binding.
+    _bound: set[str] = field(default_factory=set)
     _database_ok: bool = False
     _beat: float = field(default_factory=time.monotonic)
 
@@ -30,6 +33,11 @@ class Health:
             else:
                 self._consuming.discard(vhost)
 
+    def set_bound(self, vhost: str) -> None:
+        """Record that the archive queue of a vhost has been bound as planned (bindings outlive sessions)."""
+        with self._lock:
+            self._bound.add(vhost)
+
     def set_database_ok(self, ok: bool) -> None:
         """Record whether the last database operation succeeded."""
         self._database_ok = ok
@@ -42,17 +50,20 @@ class Health:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
-        """Readiness: every vhost consumed and the database writable."""
+        """Readiness: every vhost consumed and bound, and the database writable."""
         live, reason = self.live()
         if not live:
             return False, reason
         with self._lock:
             missing = [vhost for vhost in self.vhosts if vhost not in self._consuming]
+            unbound = [vhost for vhost in self.vhosts if vhost not in self._bound]
         problems = []
         if not self.vhosts:
             problems.append("starting")
         if missing:
             problems.append("not consuming vhost " + ", ".join(repr(v) for v in missing))
+        if unbound:
+            problems.append("bindings not made yet in vhost " + ", ".join(repr(v) for v in unbound))
         if not self._database_ok:
             problems.append("database unavailable")
         if problems:

@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import run_sql
 from tests.support.daemon import CaptureProcess, command, wait_for
+from tests.support.fake_management import FakeManagement
 from tests.support.load import BackgroundPublisher
+from tests.support.services import Services
 
 pytestmark = pytest.mark.acceptance
 
@@ -127,6 +129,43 @@ def test_default_exchange_traffic_is_reported_under_bindings_and_captured_under_
         what="the default exchange recorded as captured",
     )
     assert (vhost, None, "source", "bindings+default", None) in events(database_url)
+
+
+@pytest.mark.parametrize("source", ["bindings", "bindings+default"])
+def test_what_is_published_as_soon_as_the_daemon_is_ready_is_archived(
+    source: str,
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    services: Services,
+    database_url: str,
+) -> None:
+    exchanges = [f"orders.{index}" for index in range(30)]
+    for exchange in exchanges:
+        pika_channel.exchange_declare(exchange, "fanout")
+    pika_channel.queue_declare("celery")
+
+    def slow_listings(path: str, answer: Any) -> Any:
+        # A loaded broker's management API: listing bindings takes seconds, while the archive
+        # queue is consumed at once over AMQP.
+        if "/bindings/" in path:
+            time.sleep(1)
+        return answer
+
+    with FakeManagement(services.management_url, slow_listings) as management:
+        start_capture(source=source, management_url=management.url)  # returns at the first 200 from /readyz
+        for exchange in exchanges:
+            pika_channel.basic_publish(exchange, "", exchange.encode())
+        pika_channel.basic_publish("", "celery", b"task")
+        expected = {(exchange, exchange.encode()) for exchange in exchanges}
+        if source == "bindings+default":
+            expected.add(("", b"task"))
+
+        def archived() -> set[tuple[str, bytes]]:
+            rows = run_sql(database_url, "SELECT exchange, body FROM rabbit_archive.messages")
+            return {(row[0], bytes(row[1])) for row in rows}
+
+        wait_for(lambda: archived() >= expected, 15, what="every message published at readiness archived")
+        assert archived() == expected
 
 
 def coverage_json(env: dict[str, str], *args: str) -> dict[str, Any]:
