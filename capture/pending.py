@@ -6,7 +6,7 @@ sessions rather than by an index on every fingerprint, which every stored messag
 """
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -34,26 +34,35 @@ class Claim(Generic[RowId]):
     kept: list[tuple[RowId, bytes]] = field(default_factory=list)
 
 
-def claim(wanted: Sequence[bytes], rows: Iterable[tuple[RowId, bytes]]) -> Claim[RowId]:
+def claim(
+    wanted: Sequence[bytes],
+    rows: Iterable[tuple[RowId, bytes]],
+    aliases: Mapping[bytes, bytes] | None = None,
+) -> Claim[RowId]:
     """Match each wanted copy with one pending fingerprint, taking the rows in the order given.
 
     A multiset match: two redelivered copies of the same message take two pending
-    fingerprints, one stored copy cancelling one redelivered copy.
+    fingerprints, one stored copy cancelling one redelivered copy. `aliases` maps another
+    fingerprint of a wanted message (legacy_fingerprint, left pending by an earlier version)
+    to the wanted one: a pending alias matches as the wanted fingerprint, and is reported
+    matched as it (so it moves on in the current form).
     """
     left = Counter(wanted)
+    aliases = aliases or {}
     result: Claim[RowId] = Claim()
     for row_id, packed in rows:
         if not left:
             break
         kept = []
-        for digest in unpack(packed):
+        for pending in unpack(packed):
+            digest = aliases.get(pending, pending)
             if left[digest]:
                 left[digest] -= 1
                 if not left[digest]:
                     del left[digest]
                 result.matched.append(digest)
             else:
-                kept.append(digest)
+                kept.append(pending)
         if len(kept) * FINGERPRINT_SIZE != len(packed):
             result.kept.append((row_id, pack(kept)))
     return result

@@ -20,6 +20,7 @@ from rabbit_archive.archive.records import (
     MESSAGE_COLUMNS,
     clean_properties,
     fingerprint,
+    legacy_fingerprint,
     message_row,
 )
 from rabbit_archive.capture.batching import Delivery
@@ -91,15 +92,23 @@ def identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> t
     match; only a redelivered copy is stored without it (its value there is the queue's, the
     producer's is gone).
     """
-    properties_raw = delivery.properties_raw
-    identity = properties_raw
-    if strip_delivery_count and DELIVERY_COUNT_HEADER in properties_raw:
-        identity = clean_properties(properties_raw)
-        if delivery.redelivered:
-            properties_raw = identity
-    return properties_raw, fingerprint(
-        vhost, delivery.exchange, delivery.routing_key, identity, delivery.body
-    )
+    identity = _identity(delivery, strip_delivery_count)
+    properties_raw = identity if delivery.redelivered else delivery.properties_raw
+    digest = fingerprint(vhost, delivery.exchange, delivery.routing_key, identity, delivery.body)
+    return properties_raw, digest
+
+
+def legacy_identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> bytes:
+    """The fingerprint a version before SHA-256 (BLAKE2b) left pending for this message."""
+    identity = _identity(delivery, strip_delivery_count)
+    return legacy_fingerprint(vhost, delivery.exchange, delivery.routing_key, identity, delivery.body)
+
+
+def _identity(delivery: Delivery, strip_delivery_count: bool) -> bytes:
+    """The property bytes a fingerprint covers: a quorum queue's x-delivery-count left out."""
+    if strip_delivery_count and DELIVERY_COUNT_HEADER in delivery.properties_raw:
+        return clean_properties(delivery.properties_raw)
+    return delivery.properties_raw
 
 
 @dataclass(slots=True)
@@ -109,6 +118,8 @@ class _Prepared:
     redelivered: bool
     fingerprint: bytes
     record: tuple[Any, ...]
+    # Only for a redelivered message: what a version before SHA-256 fingerprints left pending.
+    legacy_fingerprint: bytes | None = None
 
 
 # SQLSTATE classes caused by the data itself (22 data exception, 54 program limit exceeded):
@@ -147,7 +158,10 @@ class PostgresStore:
         exchange, routing_key = delivery.exchange, delivery.routing_key
         redelivered, body = delivery.redelivered, delivery.body
         record = message_row(vhost, exchange, routing_key, redelivered, properties_raw, body)
-        return _Prepared(redelivered, digest, record)
+        if not redelivered:
+            return _Prepared(redelivered, digest, record)
+        legacy = legacy_identify(vhost, delivery, strip_delivery_count=self._strip_delivery_count)
+        return _Prepared(redelivered, digest, record, legacy)
 
     async def write_batch(
         self,
@@ -227,7 +241,12 @@ class PostgresStore:
         already_stored: Counter[bytes] = Counter()
         redelivered = [item.fingerprint for item in prepared if item.redelivered]
         if redelivered:
-            matched = await _claim_pending(connection, redelivered, owner)
+            aliases = {
+                item.legacy_fingerprint: item.fingerprint
+                for item in prepared
+                if item.redelivered and item.legacy_fingerprint is not None
+            }
+            matched = await _claim_pending(connection, redelivered, owner, aliases)
             already_stored.update(matched)
             # Matched fingerprints move to this batch (see queries.PENDING_OF_OTHER_SESSIONS).
             result.pending.extend(matched)
@@ -337,8 +356,13 @@ async def _copy(connection: Connection, records: list[tuple[Any, ...]]) -> None:
         )
 
 
-async def _claim_pending(connection: Connection, redelivered: list[bytes], owner: _Owner) -> list[bytes]:
+async def _claim_pending(
+    connection: Connection, redelivered: list[bytes], owner: _Owner, aliases: dict[bytes, bytes]
+) -> list[bytes]:
     """Match redelivered fingerprints against the vhost's other sessions' pending rows; returns the matched.
+
+    A pending legacy fingerprint (`aliases`: legacy -> current) matches as the current one,
+    and moves to this batch in the current form.
 
     The rows that match as read are locked until the batch commits and matched again as locked;
     what a row gave up leaves it (the row goes when nothing is left). Another daemon of the
@@ -352,12 +376,12 @@ async def _claim_pending(connection: Connection, redelivered: list[bytes], owner
     matched: list[bytes] = []
     while wanted:
         rows = await connection.fetch(queries.PENDING_OF_OTHER_SESSIONS, vhost, session_id)
-        expected = claim(wanted, ((row[0], row[1]) for row in rows))
+        expected = claim(wanted, ((row[0], row[1]) for row in rows), aliases)
         if not expected.matched:
             break
         matching = [batch_id for batch_id, _ in expected.kept]
         locked = await connection.fetch(queries.PENDING_LOCK, vhost, session_id, matching)
-        taken = claim(wanted, ((row[0], row[1]) for row in locked))
+        taken = claim(wanted, ((row[0], row[1]) for row in locked), aliases)
         for row_id, kept in taken.kept:
             if kept:
                 await connection.execute(queries.PENDING_KEEP, row_id, kept)

@@ -12,11 +12,13 @@ import pika
 import pytest
 
 from rabbit_archive.archive import content_header, frames
+from rabbit_archive.archive.amqp_codec import Properties, encode_properties
 from rabbit_archive.archive.db import create_pool, remember_timestamps
 from rabbit_archive.archive.migrate import apply_migrations
-from rabbit_archive.archive.records import fingerprint
+from rabbit_archive.archive.records import fingerprint, legacy_fingerprint
 from rabbit_archive.capture import store as store_module
 from rabbit_archive.capture.batching import Delivery
+from rabbit_archive.capture.pending import unpack
 from rabbit_archive.capture.store import PostgresStore
 
 pytestmark = pytest.mark.integration
@@ -253,7 +255,8 @@ async def test_a_fingerprint_written_before_pending_rows_named_their_vhost_still
 ) -> None:
     """Rows from before migration 0004 have vhost '' and session 0, and were matched in any vhost."""
     message = Delivery(1, False, "orders", "k", b"\x00\x00", b"old")
-    digest = fingerprint("v", "orders", "k", b"\x00\x00", b"old")
+    # Those versions fingerprinted with BLAKE2b.
+    digest = legacy_fingerprint("v", "orders", "k", b"\x00\x00", b"old")
     connection = await asyncpg.connect(database_url)
     try:
         await connection.execute(
@@ -266,6 +269,49 @@ async def test_a_fingerprint_written_before_pending_rows_named_their_vhost_still
     redelivered = dataclasses.replace(message, redelivered=True)
     result = await store.write_batch("v", [redelivered], batch_id=2, forget=(), session_id=5)
     assert (result.stored, result.duplicates) == (0, 1)
+
+
+async def test_fingerprints_pending_from_before_sha256_match_and_move_on_in_the_current_form(
+    store: PostgresStore, database_url: str
+) -> None:
+    """A daemon upgraded after a crash: the batch it left in doubt was fingerprinted with BLAKE2b."""
+    # As a quorum queue redelivers a message published without properties.
+    counted = encode_properties(Properties(headers=[(b"x-delivery-count", ("l", 1))]))
+    twice = [Delivery(1, False, "orders", "k", b"\x00\x00", b"twice")] * 2
+    once = Delivery(2, False, "orders", "k", b"\x00\x00", b"once")
+    other = Delivery(3, False, "orders", "k", b"\x00\x00", b"other")
+    pending = [
+        legacy_fingerprint("v", "orders", "k", b"\x00\x00", body) for body in (b"twice", b"twice", b"once")
+    ]
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "INSERT INTO rabbit_archive.capture_pending_batches (batch_id, session_id, vhost, fingerprints)"
+            " VALUES (1, 1, 'v', $1)",
+            b"".join(pending),
+        )
+        redelivered = [
+            dataclasses.replace(message, delivery_tag=tag, redelivered=True, properties_raw=counted)
+            for tag, message in enumerate([*twice, once, other], start=1)
+        ]
+        result = await store.write_batch("v", redelivered, batch_id=2, forget=(), session_id=2)
+        # Both copies of "twice" and "once" were stored before the crash; "other" was not.
+        assert (result.stored, result.duplicates) == (1, 3)
+        rows = await connection.fetch(
+            "SELECT batch_id, fingerprints FROM rabbit_archive.capture_pending_batches ORDER BY batch_id"
+        )
+        # The old row gave everything up; the batch holds every message in the current form.
+        assert [row[0] for row in rows] == [2]
+        current = [
+            fingerprint("v", "orders", "k", b"\x00\x00", body)
+            for body in (b"twice", b"twice", b"once", b"other")
+        ]
+        assert sorted(unpack(rows[0][1])) == sorted(current)
+        # Its ack lost as well: the next session still recognises every one of them.
+        again = await store.write_batch("v", redelivered, batch_id=3, forget=(), session_id=3)
+        assert (again.stored, again.duplicates) == (0, 4)
+    finally:
+        await connection.close()
 
 
 async def test_a_redelivery_is_recognised_when_another_daemon_takes_the_copy_it_first_found(

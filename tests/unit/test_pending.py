@@ -49,6 +49,32 @@ def test_matching_takes_what_a_row_per_fingerprint_would_oldest_first(
             assert index not in changed
 
 
+# What an earlier version left pending for the same messages (another hash of them).
+legacy_of = {bytes([n]) * FINGERPRINT_SIZE: bytes([0x80 + n]) * FINGERPRINT_SIZE for n in range(4)}
+either_form = st.sampled_from([*legacy_of, *legacy_of.values()])
+
+
+@given(st.lists(fingerprints, max_size=8), st.lists(st.lists(either_form, max_size=6), max_size=5))
+def test_a_legacy_fingerprint_pending_matches_as_the_current_one_and_is_kept_as_it_was(
+    wanted: list[bytes], rows: list[list[bytes]]
+) -> None:
+    current_of = {legacy: current for current, legacy in legacy_of.items()}
+    taken = claim(wanted, ((index, pack(row)) for index, row in enumerate(rows)), current_of)
+    # The same as if every pending fingerprint had been written in the current form.
+    translated = [[current_of.get(digest, digest) for digest in row] for row in rows]
+    matched, kept = walk_each_fingerprint(wanted, translated)
+    assert Counter(taken.matched) == matched
+    changed = dict(taken.kept)
+    for index, row in enumerate(rows):
+        if kept[index] != translated[index]:
+            # What a row keeps stays in the form it was written in.
+            left = unpack(changed[index])
+            assert [current_of.get(digest, digest) for digest in left] == kept[index]
+            assert Counter(left) <= Counter(row)
+        else:
+            assert index not in changed
+
+
 def test_a_row_whose_every_fingerprint_is_matched_keeps_nothing() -> None:
     first, second = b"a" * FINGERPRINT_SIZE, b"b" * FINGERPRINT_SIZE
     taken = claim([first, first], [("old", pack([first])), ("newer", pack([second, first]))])
