@@ -210,16 +210,18 @@ def message_row(
     """The COPY record for one message, in MESSAGE_COLUMNS order."""
     exchange_text, exchange_raw = name_columns(exchange)
     routing_key_text, routing_key_raw = name_columns(routing_key)
+    view: dict[str, Any]
     try:
         values, present = decode_property_values(properties_raw, _HEADERS_VIEW)
     except CodecError as error:
         # The raw bytes are still stored; the views say why they are empty.
         values = _NO_VALUES
         properties_json = json.dumps({"$undecodable": str(error)})
+        view = {}
     else:
         # The JSON view of the properties other than headers, keyed by their AMQP spec names
         # (tests/unit/test_records.py holds it equal to the view of a Properties object).
-        view: dict[str, Any] = {}
+        view = {}
         for index in present:
             value = values[index]
             if type(value) is bytes:
@@ -236,7 +238,6 @@ def message_row(
         headers_json = _to_json(headers_view)
         if replay_id_raw is not None:
             replay_id = text_view(replay_id_raw)
-    message_id, correlation_id = values[_MESSAGE_ID], values[_CORRELATION_ID]
     return (
         vhost,
         exchange_text,
@@ -247,8 +248,9 @@ def message_row(
         properties_raw,
         properties_json,
         headers_json,
-        text_view(message_id) if message_id is not None else None,
-        text_view(correlation_id) if correlation_id is not None else None,
+        # The views' texts: decoded once, for the JSON view and these columns alike.
+        view.get("message_id"),
+        view.get("correlation_id"),
         body,
         len(body),
         replay_id,
@@ -256,7 +258,6 @@ def message_row(
 
 
 _HEADERS, _TIMESTAMP = PROPERTY_NAMES.index("headers"), PROPERTY_NAMES.index("timestamp")
-_MESSAGE_ID, _CORRELATION_ID = PROPERTY_NAMES.index("message_id"), PROPERTY_NAMES.index("correlation_id")
 _NO_VALUES: list[Any] = [None] * len(PROPERTY_NAMES)
 # The headers as the row needs them: their JSON view and the last bytes value of x-replay-id.
 _HEADERS_VIEW = functools.partial(decode_table_view, find=REPLAY_ID_HEADER)
