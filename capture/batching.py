@@ -43,12 +43,13 @@ class Batcher:
     _bytes: int = 0
     _writing: bool = False
 
-    def add(self, delivery: Delivery) -> None:
-        """Append a delivery."""
+    def add(self, delivery: Delivery) -> int:
+        """Append a delivery; returns the bytes now buffered (as `bytes`), saving the caller a call."""
         size = delivery.size
         self._items.append(delivery)
         self._sizes.append(size)
         self._bytes += size
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._items)

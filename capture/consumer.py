@@ -308,6 +308,7 @@ class VhostCapture:
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         store, vhost = self._store, self._vhost
+        buffer_max_bytes = settings.buffer_max_bytes
 
         def on_message(
             delivery_tag: int,
@@ -340,10 +341,10 @@ class VhostCapture:
             except Exception:
                 # The writer does it again and meets the error where a batch's errors are handled.
                 log.exception("prepare_failed", extra={"vhost": vhost})
-            batcher.add(delivery)
+            buffered = batcher.add(delivery)
             # An idle writer takes it at once; a busy one with the next batch (group commit).
             wake.set()
-            if batcher.bytes >= settings.buffer_max_bytes:
+            if buffered >= buffer_max_bytes:
                 # The database is slower than the broker: hold what we have, read no more
                 # (reading resumes when a flush makes room).
                 gate.pause()

@@ -222,7 +222,8 @@ def test_batches_keep_order_and_limits(ops: list[int | None], max_count: int, ma
         else:
             item = delivery(len(added), body_size=op)
             added.append(item)
-            batcher.add(item)
+            buffered = batcher.add(item)
+            assert buffered == batcher.bytes == sum(each.size for each in added[len(taken) :])
         remaining = added[len(taken) :]
         assert len(batcher) == len(remaining)
         expected_full = len(remaining) >= max_count or sum(item.size for item in remaining) >= max_bytes
