@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -241,12 +242,11 @@ class VhostCapture:
                             self._settings.queue, firehose.TRACE_EXCHANGE, firehose.PUBLISH_EVENTS
                         ),
                     )
-                    self._health.set_bound(self._vhost)
+                    self._health.set_bound(self._vhost, True)
                 else:
+                    bound = functools.partial(self._health.set_bound, self._vhost, True)
                     group.create_task(
-                        self._bindings.keep(
-                            connection, self._vhost, self._stop, lambda: self._health.set_bound(self._vhost)
-                        ),
+                        self._bindings.keep(connection, self._vhost, self._stop, bound),
                         name=f"bindings:{self._vhost}",
                     )
                 group.create_task(self._consume(channel, gate), name=f"consume:{self._vhost}")
@@ -356,6 +356,8 @@ class VhostCapture:
             # away; the channel stays open, so without this the loop would idle forever.
             nonlocal cancelled
             cancelled = True
+            # A queue deleted and declared again has no bindings: not ready until they are made.
+            self._health.set_bound(self._vhost, False)
             wake.set()
 
         channel.closing.add_done_callback(lambda _: wake.set())

@@ -128,12 +128,12 @@ class BindingKeeper:
         connection: aiormq.abc.AbstractConnection,
         vhost: str,
         stop: asyncio.Event,
-        reconciled: Callable[[], None] = lambda: None,
+        on_bound: Callable[[], None] = lambda: None,
     ) -> None:
         """Reconcile now and every DISCOVERY_INTERVAL until stop; ends with the connection.
 
-        `reconciled` is called after each round that went through (exchanges the broker
-        refused included, as they are reported and retried).
+        `on_bound` is called in each round once the bindings were made (exchanges the broker
+        refused included, as they are reported and retried), before the round's reports.
 
         Raises ArchiveQueueRefused when the broker refuses the archive queue itself (no write
         permission on it): the daemon cannot do its job and says so in one line.
@@ -145,8 +145,7 @@ class BindingKeeper:
             nudged.clear()
             started = loop.time()
             try:
-                await self.reconcile_once(channels, vhost)
-                reconciled()
+                await self.reconcile_once(channels, vhost, on_bound)
             except ArchiveQueueRefused:
                 raise
             except (BrokerUnavailable, UsageError) as error:
@@ -164,8 +163,10 @@ class BindingKeeper:
                 # all the time) becomes at most one round per NUDGE_MIN_INTERVAL.
                 await sleep_unless(stop, max(NUDGE_COALESCE, NUDGE_MIN_INTERVAL - (loop.time() - started)))
 
-    async def reconcile_once(self, channels: "Channels", vhost: str) -> None:
-        """One round: bind what is missing, unbind what is no longer wanted.
+    async def reconcile_once(
+        self, channels: "Channels", vhost: str, on_bound: Callable[[], None] = lambda: None
+    ) -> None:
+        """One round: bind what is missing, unbind what is no longer wanted; then on_bound().
 
         An exchange the broker refuses to bind (no read permission, or any other channel
         error) is logged once, left unbound (tried again after REFUSED_RETRY seconds) and
@@ -206,6 +207,7 @@ class BindingKeeper:
                     extra={"vhost": vhost, "exchange": binding.exchange, "routing_key": binding.routing_key},
                 )
         self._just_bound[vhost] = (bound_now, listed)
+        on_bound()
         states = exchange_states(plan, refused, unrepresentable)
         self.states[vhost] = states
         self._metrics.bound_exchanges.labels(vhost).set(sum(1 for state in states if state.state == "bound"))

@@ -33,10 +33,17 @@ class Health:
             else:
                 self._consuming.discard(vhost)
 
-    def set_bound(self, vhost: str) -> None:
-        """Record that the archive queue of a vhost has been bound as planned (bindings outlive sessions)."""
+    def set_bound(self, vhost: str, bound: bool) -> None:
+        """Record whether the archive queue of a vhost has been bound as planned.
+
+        Bindings outlive a lost connection; not a deleted archive queue, which the broker
+        reports by cancelling the consumer.
+        """
         with self._lock:
-            self._bound.add(vhost)
+            if bound:
+                self._bound.add(vhost)
+            else:
+                self._bound.discard(vhost)
 
     def set_database_ok(self, ok: bool) -> None:
         """Record whether the last database operation succeeded."""

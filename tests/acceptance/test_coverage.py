@@ -168,6 +168,39 @@ def test_what_is_published_as_soon_as_the_daemon_is_ready_is_archived(
         assert archived() == expected
 
 
+def test_an_archive_queue_deleted_under_the_daemon_is_bound_again_before_it_is_ready(
+    start_capture: Callable[..., CaptureProcess],
+    pika_channel: Any,
+    services: Services,
+    database_url: str,
+) -> None:
+    exchanges = [f"orders.{index}" for index in range(10)]
+    for exchange in exchanges:
+        pika_channel.exchange_declare(exchange, "fanout")
+
+    def slow_listings(path: str, answer: Any) -> Any:
+        if "/bindings/" in path:
+            time.sleep(1)
+        return answer
+
+    with FakeManagement(services.management_url, slow_listings) as management:
+        daemon = start_capture(management_url=management.url)
+        pika_channel.queue_delete("rabbit-archive")  # an operator's mistake: its bindings go with it
+        wait_for(lambda: not daemon.ready(), 10, interval=0.02, what="/readyz answering 503")
+        # Declared again by the daemon, and ready only once bound again.
+        daemon.wait_ready()
+        for exchange in exchanges:
+            pika_channel.basic_publish(exchange, "", exchange.encode())
+
+        def archived() -> set[tuple[str, bytes]]:
+            rows = run_sql(database_url, "SELECT exchange, body FROM rabbit_archive.messages")
+            return {(row[0], bytes(row[1])) for row in rows}
+
+        expected = {(exchange, exchange.encode()) for exchange in exchanges}
+        wait_for(lambda: archived() >= expected, 15, what="every message published at readiness archived")
+        assert archived() == expected
+
+
 def coverage_json(env: dict[str, str], *args: str) -> dict[str, Any]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RABBIT_ARCHIVE_")}
     result = subprocess.run(

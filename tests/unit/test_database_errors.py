@@ -290,7 +290,7 @@ async def test_the_daemon_waits_for_a_read_only_database_at_start(monkeypatch: p
     assert [attempt.closed for attempt in attempts] == [True, True, False]
     health.vhosts = ("/",)
     health.set_consuming("/", True)
-    health.set_bound("/")
+    health.set_bound("/", True)
     assert health.ready() == (True, "ok")
 
 
@@ -320,7 +320,7 @@ async def test_partition_upkeep_keeps_retrying_a_refusing_database(
 def test_readiness_is_lost_while_writes_fail() -> None:
     health = Health(vhosts=("/",))
     health.set_consuming("/", True)
-    health.set_bound("/")
+    health.set_bound("/", True)
     health.set_database_ok(True)
     assert health.ready()[0]
     health.set_database_ok(False)  # what the consumer does on DatabaseUnavailable
@@ -334,14 +334,19 @@ def test_readiness_waits_for_the_first_binding_round_which_later_sessions_do_not
     health.set_database_ok(True)
     health.set_consuming("a", True)
     health.set_consuming("b", True)
-    health.set_bound("a")
+    health.set_bound("a", True)
     ready, reason = health.ready()
     assert not ready
     assert reason == "bindings not made yet in vhost 'b'"
-    health.set_bound("b")
+    health.set_bound("b", True)
     assert health.ready() == (True, "ok")
     # A reconnect: the broker kept the bindings, so consuming again is enough.
     health.set_consuming("b", False)
     assert health.ready() == (False, "not consuming vhost 'b'")
     health.set_consuming("b", True)
+    assert health.ready() == (True, "ok")
+    # The archive queue deleted (the broker cancels the consumer): ready once bound again.
+    health.set_bound("b", False)
+    assert health.ready() == (False, "bindings not made yet in vhost 'b'")
+    health.set_bound("b", True)
     assert health.ready() == (True, "ok")
