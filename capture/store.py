@@ -92,23 +92,14 @@ def identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> t
     match; only a redelivered copy is stored without it (its value there is the queue's, the
     producer's is gone).
     """
-    identity = _identity(delivery, strip_delivery_count)
-    properties_raw = identity if delivery.redelivered else delivery.properties_raw
+    properties_raw = delivery.properties_raw
+    identity = properties_raw
+    if strip_delivery_count and DELIVERY_COUNT_HEADER in properties_raw:
+        identity = clean_properties(properties_raw)
+        if delivery.redelivered:
+            properties_raw = identity
     digest = fingerprint(vhost, delivery.exchange, delivery.routing_key, identity, delivery.body)
     return properties_raw, digest
-
-
-def legacy_identify(vhost: str, delivery: Delivery, *, strip_delivery_count: bool) -> bytes:
-    """The fingerprint a version before SHA-256 (BLAKE2b) left pending for this message."""
-    identity = _identity(delivery, strip_delivery_count)
-    return legacy_fingerprint(vhost, delivery.exchange, delivery.routing_key, identity, delivery.body)
-
-
-def _identity(delivery: Delivery, strip_delivery_count: bool) -> bytes:
-    """The property bytes a fingerprint covers: a quorum queue's x-delivery-count left out."""
-    if strip_delivery_count and DELIVERY_COUNT_HEADER in delivery.properties_raw:
-        return clean_properties(delivery.properties_raw)
-    return delivery.properties_raw
 
 
 @dataclass(slots=True)
@@ -160,7 +151,8 @@ class PostgresStore:
         record = message_row(vhost, exchange, routing_key, redelivered, properties_raw, body)
         if not redelivered:
             return _Prepared(redelivered, digest, record)
-        legacy = legacy_identify(vhost, delivery, strip_delivery_count=self._strip_delivery_count)
+        # A redelivered copy is stored with the very property bytes its fingerprint covers.
+        legacy = legacy_fingerprint(vhost, exchange, routing_key, properties_raw, body)
         return _Prepared(redelivered, digest, record, legacy)
 
     async def write_batch(

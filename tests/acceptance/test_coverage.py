@@ -131,6 +131,20 @@ def test_default_exchange_traffic_is_reported_under_bindings_and_captured_under_
     assert (vhost, None, "source", "bindings+default", None) in events(database_url)
 
 
+def slow_binding_listings(path: str, answer: Any) -> Any:
+    """A loaded broker's management API (FakeManagement's tamper): listing bindings takes a
+    second, while the archive queue is consumed at once over AMQP."""
+    if "/bindings/" in path:
+        time.sleep(1)
+    return answer
+
+
+def archived_bodies(database_url: str) -> set[tuple[str, bytes]]:
+    """(exchange, body) of every archived message."""
+    rows = run_sql(database_url, "SELECT exchange, body FROM rabbit_archive.messages")
+    return {(row[0], bytes(row[1])) for row in rows}
+
+
 @pytest.mark.parametrize("source", ["bindings", "bindings+default"])
 def test_what_is_published_as_soon_as_the_daemon_is_ready_is_archived(
     source: str,
@@ -144,14 +158,7 @@ def test_what_is_published_as_soon_as_the_daemon_is_ready_is_archived(
         pika_channel.exchange_declare(exchange, "fanout")
     pika_channel.queue_declare("celery")
 
-    def slow_listings(path: str, answer: Any) -> Any:
-        # A loaded broker's management API: listing bindings takes seconds, while the archive
-        # queue is consumed at once over AMQP.
-        if "/bindings/" in path:
-            time.sleep(1)
-        return answer
-
-    with FakeManagement(services.management_url, slow_listings) as management:
+    with FakeManagement(services.management_url, slow_binding_listings) as management:
         start_capture(source=source, management_url=management.url)  # returns at the first 200 from /readyz
         for exchange in exchanges:
             pika_channel.basic_publish(exchange, "", exchange.encode())
@@ -160,12 +167,12 @@ def test_what_is_published_as_soon_as_the_daemon_is_ready_is_archived(
         if source == "bindings+default":
             expected.add(("", b"task"))
 
-        def archived() -> set[tuple[str, bytes]]:
-            rows = run_sql(database_url, "SELECT exchange, body FROM rabbit_archive.messages")
-            return {(row[0], bytes(row[1])) for row in rows}
-
-        wait_for(lambda: archived() >= expected, 15, what="every message published at readiness archived")
-        assert archived() == expected
+        wait_for(
+            lambda: archived_bodies(database_url) >= expected,
+            15,
+            what="every message published at readiness archived",
+        )
+        assert archived_bodies(database_url) == expected
 
 
 def test_an_archive_queue_deleted_under_the_daemon_is_bound_again_before_it_is_ready(
@@ -178,12 +185,7 @@ def test_an_archive_queue_deleted_under_the_daemon_is_bound_again_before_it_is_r
     for exchange in exchanges:
         pika_channel.exchange_declare(exchange, "fanout")
 
-    def slow_listings(path: str, answer: Any) -> Any:
-        if "/bindings/" in path:
-            time.sleep(1)
-        return answer
-
-    with FakeManagement(services.management_url, slow_listings) as management:
+    with FakeManagement(services.management_url, slow_binding_listings) as management:
         daemon = start_capture(management_url=management.url)
         pika_channel.queue_delete("rabbit-archive")  # an operator's mistake: its bindings go with it
         wait_for(lambda: not daemon.ready(), 10, interval=0.02, what="/readyz answering 503")
@@ -192,13 +194,13 @@ def test_an_archive_queue_deleted_under_the_daemon_is_bound_again_before_it_is_r
         for exchange in exchanges:
             pika_channel.basic_publish(exchange, "", exchange.encode())
 
-        def archived() -> set[tuple[str, bytes]]:
-            rows = run_sql(database_url, "SELECT exchange, body FROM rabbit_archive.messages")
-            return {(row[0], bytes(row[1])) for row in rows}
-
         expected = {(exchange, exchange.encode()) for exchange in exchanges}
-        wait_for(lambda: archived() >= expected, 15, what="every message published at readiness archived")
-        assert archived() == expected
+        wait_for(
+            lambda: archived_bodies(database_url) >= expected,
+            15,
+            what="every message published at readiness archived",
+        )
+        assert archived_bodies(database_url) == expected
 
 
 def coverage_json(env: dict[str, str], *args: str) -> dict[str, Any]:
