@@ -113,9 +113,15 @@ class Acknowledger:
         self._unfenced.append(batch_id)
 
     async def fence(self, channel: AckChannel) -> None:
-        """Wait until the broker processed the acks sent so far on this channel."""
-        sent_before = len(self._unfenced)
+        """Wait until the broker processed the acks sent so far on this channel.
+
+        Batches may be stored and acked while it waits; one fence at a time.
+        """
+        session, sent_before = self.session_id, len(self._unfenced)
         await channel.fence()
+        if self.session_id != session:
+            # Answered on a channel that is gone: it says nothing of the new channel's acks.
+            return
         # Only the batches acked before the fence was sent are settled by its reply.
         self._fenced.extend(self._unfenced[:sent_before])
         del self._unfenced[:sent_before]

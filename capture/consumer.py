@@ -7,6 +7,7 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import aiormq
@@ -150,6 +151,10 @@ class VhostCapture:
         self._ever_connected = False
         # Largest body of each of the last few batches: a guess at what may be in flight.
         self._recent_sizes: collections.deque[int] = collections.deque(maxlen=8)
+        # The fence sent after a batch's ack, awaited beside the next batches' writes: its reply
+        # comes after every delivery the broker pushed before it (up to PREFETCH of them), which
+        # at the start of a backlog of large messages takes most of a second to read.
+        self._fencing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Keep a broker session going until stop is set; return after the final flush."""
@@ -306,7 +311,6 @@ class VhostCapture:
         # to the default exchange): either way they are turned back into the message.
         firehose_source = settings.source in ("firehose", "bindings+default")
         wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
         store, vhost = self._store, self._vhost
         buffer_max_bytes = settings.buffer_max_bytes
 
@@ -381,11 +385,29 @@ class VhostCapture:
         self._health.set_consuming(self._vhost, True)
         self._metrics.connected.labels(self._vhost).set(1)
         acks = _ChannelAcks(channel, settings.prefetch)
+        try:
+            await self._consume_until_stopped(channel, acks, batcher, gate, wake, lambda: cancelled)
+            await self._drain(channel, acks, consume_ok.consumer_tag or "", batcher, gate)
+        finally:
+            self._abandon_fence()
+
+    async def _consume_until_stopped(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        acks: "_ChannelAcks",
+        batcher: Batcher,
+        gate: ReadGate,
+        wake: asyncio.Event,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
         idle_since = loop.time()
         while not self._stop.is_set():
+            self._raise_if_fence_failed()
             if channel.is_closed:
                 raise BrokerUnavailable(f"channel to vhost {self._vhost!r} closed")
-            if cancelled:
+            if cancelled():
                 raise BrokerUnavailable(f"the broker cancelled the consumer of {self._settings.queue!r}")
             if not batcher.due():
                 try:
@@ -399,15 +421,16 @@ class VhostCapture:
             now = loop.time()
             if batcher.due():
                 await self._flush(channel, acks, batcher, gate)
+                if self._reply_is_cheap(gate):
+                    self._start_fence(acks, gate, wake)
                 if batcher.bytes < settings.buffer_max_bytes:
                     gate.resume()
                 idle_since = now
             elif self._acks.has_unsettled and now - idle_since > settings.flush_interval:
                 # Idle: little can be in flight, so the fence's reply comes at once.
-                await self._fence(acks, gate)
+                await self._fence_now(acks, gate)
                 await self._forget_fenced()
                 self._recent_sizes.clear()
-        await self._drain(channel, acks, consume_ok.consumer_tag or "", batcher, gate)
 
     async def _drain(
         self,
@@ -420,6 +443,8 @@ class VhostCapture:
         """Stop consuming, then write and acknowledge everything already delivered."""
         if channel.is_closed:
             return
+        # basic.cancel waits for the channel's lock, which a fence holds until answered.
+        await self._finish_fence()
         if not self._reply_is_cheap(gate):
             # A CancelOk would sit behind everything the broker already pushed: store what
             # is held and leave the rest to the broker, which requeues it when we close.
@@ -433,7 +458,7 @@ class VhostCapture:
         while len(batcher):
             await self._flush(channel, acks, batcher, gate)
         if self._acks.has_unfenced:
-            await self._fence(acks, gate)
+            await self._fence_now(acks, gate)
         await self._forget_fenced()
         log.info("drained", extra={"vhost": self._vhost})
 
@@ -458,8 +483,6 @@ class VhostCapture:
         # redelivery, recognised by the pending fingerprints.
         await self._acks.acknowledge(acks, batch_id, batch[-1].delivery_tag)
         self._recent_sizes.append(max(len(item.body) for item in batch))
-        if self._reply_is_cheap(gate):
-            await self._fence(acks, gate)
         metrics = self._metrics
         for exchange, count in result.stored_by_exchange.items():
             metrics.messages_stored.labels(self._vhost, exchange).inc(count)
@@ -517,6 +540,45 @@ class VhostCapture:
         """basic.qos is answered only after the broker processed the acks sent before it."""
         with gate.held_open():
             await self._acks.fence(acks)
+
+    def _start_fence(self, acks: "_ChannelAcks", gate: ReadGate, wake: asyncio.Event) -> None:
+        """Fence the batches acknowledged so far, while the next ones are written.
+
+        One fence at a time: the batches acknowledged meanwhile wait for the next one.
+        """
+        if self._fencing is None and self._acks.has_unfenced:
+            self._fencing = asyncio.create_task(self._fence(acks, gate), name=f"fence:{self._vhost}")
+            # The loop looks at a failed fence at once (the session ends as if it failed inline).
+            self._fencing.add_done_callback(lambda _: wake.set())
+
+    async def _finish_fence(self) -> None:
+        """Wait for the fence in progress, if any; its failure is the session's."""
+        fencing, self._fencing = self._fencing, None
+        if fencing is not None:
+            await fencing
+
+    async def _fence_now(self, acks: "_ChannelAcks", gate: ReadGate) -> None:
+        """Fence everything acknowledged so far (after the fence in progress, if any)."""
+        await self._finish_fence()
+        if self._acks.has_unfenced:
+            await self._fence(acks, gate)
+
+    def _raise_if_fence_failed(self) -> None:
+        fencing = self._fencing
+        if fencing is not None and fencing.done():
+            self._fencing = None
+            fencing.result()
+
+    def _abandon_fence(self) -> None:
+        """The session ends: a fence still waiting can settle nothing of the next one."""
+        fencing, self._fencing = self._fencing, None
+        if fencing is None:
+            return
+        if fencing.done():
+            if not fencing.cancelled():
+                fencing.exception()  # retrieved: the session's own error is what gets reported
+        else:
+            fencing.cancel()
 
     async def _forget_fenced(self) -> None:
         with contextlib.suppress(DatabaseUnavailable):

@@ -1,6 +1,7 @@
 """The acknowledgement machine (capture.acks) driven step by step against an in-memory broker
 and store: random interleavings of deliveries, redeliveries, identical twins, commits, lost
-COMMIT replies, acks, fences, lost connections and crashes. After every step nothing the
+COMMIT replies, acks, fences (answered at once, or waiting while later batches are stored and
+acked, as the consumer runs them), lost connections and crashes. After every step nothing the
 broker settled is missing from the archive and nothing is stored twice; a drain at any point
 brings the archive to exactly one row per published message.
 """
@@ -25,6 +26,7 @@ from rabbit_archive.capture.store import identify
 from tests.support.memory_store import MemoryStore
 
 VHOST = "v"
+RARELY = 4
 _T = TypeVar("_T")
 
 
@@ -58,21 +60,49 @@ class Channel:
     acks_in_flight: list[int] = field(default_factory=list)
     tags: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
 
+    # Fences wait for `answer` instead of being answered at once (see AckMachine.send_fence).
+    deferred_fences: bool = False
+    acks_sent: int = 0
+    acks_processed: int = 0
+    # Per waiting fence: how many acks were sent before it.
+    fences: deque[int] = field(default_factory=deque)
+
     async def ack(self, delivery_tag: int) -> None:
         if not self.alive:
             raise ConnectionLost
         self.acks_in_flight.append(delivery_tag)
+        self.acks_sent += 1
 
     async def fence(self) -> None:
         if not self.alive:
             raise ConnectionLost
-        self.process_acks()
+        if not self.deferred_fences:
+            self.process_acks()
+            return
+        self.fences.append(self.acks_sent)
+        await _Suspend()
+        if not self.alive:
+            raise ConnectionLost
 
-    def process_acks(self) -> None:
-        for up_to in self.acks_in_flight:
+    def answer(self) -> None:
+        """The broker processes what was sent before the oldest waiting fence, then replies."""
+        sent_before = self.fences.popleft()
+        self.process_acks(sent_before - self.acks_processed)
+
+    def process_acks(self, count: int | None = None) -> None:
+        todo = self.acks_in_flight if count is None else self.acks_in_flight[: max(count, 0)]
+        for up_to in todo:
             for tag in [tag for tag in self.unacked if tag <= up_to]:
                 self.broker.settled.add(self.unacked.pop(tag).ident)
-        self.acks_in_flight.clear()
+        self.acks_processed += len(todo)
+        del self.acks_in_flight[: len(todo)]
+
+
+class _Suspend:
+    """Suspends a coroutine once: the test resumes it when the fence is answered."""
+
+    def __await__(self) -> Any:
+        yield self
 
 
 @dataclass
@@ -112,6 +142,8 @@ class AckMachine(RuleBasedStateMachine):
         self.idents = itertools.count(1)
         # Bodies a stale fingerprint could wrongly cancel (the documented limit, see README).
         self.at_risk: Counter[bytes] = Counter()
+        # A fence sent and not answered yet, as the consumer runs it beside later batches.
+        self.fencing: Coroutine[Any, Any, None] | None = None
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -139,12 +171,42 @@ class AckMachine(RuleBasedStateMachine):
     def _session_lost(self) -> None:
         self.channel = None
         self.buffer.clear()
+        if self.fencing is not None:
+            # The consumer cancels a fence still waiting when its session ends.
+            self.fencing.close()
+            self.fencing = None
 
     def _connect(self) -> None:
-        self.channel = Channel(self.broker)
+        self.channel = Channel(self.broker, deferred_fences=True)
         self.acks.start_session()
 
-    def _flush(self, size: int, fault: str | None) -> None:
+    def _finish_fence(self) -> bool:
+        """Wait for the fence in progress (the broker answers it); False if the session ended."""
+        if self.fencing is None:
+            return True
+        assert self.channel is not None
+        fencing, self.fencing = self.fencing, None
+        self.channel.answer()
+        try:
+            fencing.send(None)
+        except StopIteration:
+            return True
+        except ConnectionLost:
+            self._session_lost()
+            return False
+        raise AssertionError("the fence waited twice")
+
+    def _fence_now(self) -> bool:
+        """As VhostCapture._fence_now: the fence in progress, then one for what was acked since."""
+        if not self._finish_fence():
+            return False
+        assert self.channel is not None
+        if self.acks.has_unfenced:
+            self._send_fence()
+            return self._finish_fence()
+        return True
+
+    def _flush(self, size: int, fault: str | None, *, fence_after: bool = False) -> None:
         assert self.channel is not None
         batch, self.buffer = self.buffer[:size], self.buffer[size:]
         batch_id = next(self.batch_ids)
@@ -161,6 +223,10 @@ class AckMachine(RuleBasedStateMachine):
             run(self.acks.acknowledge(self.channel, batch_id, batch[-1].delivery_tag))
         except ConnectionLost:
             self._session_lost()
+            return
+        if fence_after and self.fencing is None:
+            # As the consumer: a fence after the batch's ack, waiting beside the next batches.
+            self._send_fence()
 
     # --- rules ---------------------------------------------------------------------------
 
@@ -186,26 +252,44 @@ class AckMachine(RuleBasedStateMachine):
             self.buffer.append(delivery(tag, message, redelivered))
 
     @precondition(lambda self: self.channel is not None and self.buffer)
-    @rule(size=st.integers(1, 5), fault=st.sampled_from([None, None, "refuse", "lost_reply"]))
-    def flush(self, size: int, fault: str | None) -> None:
-        self._flush(size, fault)
+    @rule(
+        size=st.integers(1, 5),
+        fault=st.sampled_from([None, None, "refuse", "lost_reply"]),
+        fence_after=st.booleans(),
+    )
+    def flush(self, size: int, fault: str | None, fence_after: bool) -> None:
+        self._flush(size, fault, fence_after=fence_after)
 
-    @rule(fault=st.sampled_from([None, None, "refuse", "lost_reply"]))
+    @rule(fault=st.sampled_from([None, None, "refuse", "lost_reply"]), roll=st.integers(0, RARELY - 1))
+    def idle_rule(self, fault: str | None, roll: int) -> None:
+        if not roll:
+            self.idle(fault)
+
     def idle(self, fault: str | None) -> None:
         """Nothing to store: fence what is acked, then forget what is fenced (as the consumer)."""
         if self.channel is None:
             self._connect()
         assert self.channel is not None
-        if self.acks.has_unfenced:
-            try:
-                run(self.acks.fence(self.channel))
-            except ConnectionLost:
-                self._session_lost()
-                return
+        if not self._fence_now():
+            return
         self.store.fault = fault
         with contextlib.suppress(DatabaseUnavailable):
             run(self.acks.forget_fenced())
         self.store.fault = None
+
+    def _send_fence(self) -> None:
+        assert self.channel is not None
+        self.fencing = self.acks.fence(self.channel)
+        try:
+            self.fencing.send(None)
+        except ConnectionLost:
+            self.fencing = None
+            self._session_lost()
+
+    @precondition(lambda self: self.fencing is not None)
+    @rule()
+    def fence_answered(self) -> None:
+        self._finish_fence()
 
     @precondition(lambda self: self.channel is not None)
     @rule()
@@ -213,25 +297,33 @@ class AckMachine(RuleBasedStateMachine):
         assert self.channel is not None
         self.channel.process_acks()
 
+    # The rules that end a session, empty the queue or idle act on one draw in RARELY: with
+    # every rule as likely, runs rarely got as far as a fence waiting beside a later batch.
     @precondition(lambda self: self.channel is not None)
-    @rule(acks_processed=st.booleans())
-    def lose_connection(self, acks_processed: bool) -> None:
+    @rule(acks_processed=st.booleans(), roll=st.integers(0, RARELY - 1))
+    def lose_connection(self, acks_processed: bool, roll: int) -> None:
+        if roll:
+            return
         assert self.channel is not None
         self.broker.lose(self.channel, acks_processed=acks_processed)
         self._session_lost()
         self._mark_stale()
 
-    @rule(acks_processed=st.booleans())
-    def crash_and_restart(self, acks_processed: bool) -> None:
+    @rule(acks_processed=st.booleans(), roll=st.integers(0, RARELY - 1))
+    def crash_and_restart(self, acks_processed: bool, roll: int) -> None:
+        if roll:
+            return
         if self.channel is not None:
             self.broker.lose(self.channel, acks_processed=acks_processed)
         self._session_lost()
         self.acks = Acknowledger(VHOST, self.store)
         self._mark_stale()
 
-    @rule()
-    def drain(self) -> None:
+    @rule(roll=st.integers(0, RARELY - 1))
+    def drain(self, roll: int) -> None:
         """Run without faults until the queue is empty: then every message is stored once."""
+        if roll:
+            return
         for _ in range(1000):
             if self.channel is None:
                 self._connect()
@@ -240,7 +332,7 @@ class AckMachine(RuleBasedStateMachine):
                 self.deliver(len(self.broker.queue))
             if self.buffer:
                 self._flush(len(self.buffer), None)
-            elif self.acks.has_unfenced:
+            elif self.acks.has_unfenced or self.fencing is not None:
                 self.idle(None)
             else:
                 run(self.acks.forget_fenced())
@@ -257,6 +349,12 @@ class AckMachine(RuleBasedStateMachine):
         stored = self._stored()
         for body, count in stored.items():
             assert count <= self.published[body], (body, count, self.published[body])
+
+    @invariant()
+    def a_fenced_batch_is_settled(self) -> None:
+        """What the machine takes as fenced the broker has settled: its fingerprints may go."""
+        for batch_id in self.acks.fenced_batches:
+            assert all(ident in self.broker.settled for ident in self.batches[batch_id]), batch_id
 
     @invariant()
     def nothing_settled_is_missing(self) -> None:
@@ -353,3 +451,46 @@ def test_stale_fingerprints_of_earlier_sessions_go_once_the_queue_is_read_past_t
     result = run(restarted.store([delivery(5, Message(3, b"same"), True)], 3, retry=False))
     assert result.stored == 1
     assert Counter(row[4] for row in store.rows)[b"same"] == 2
+
+
+def test_a_fence_answered_after_the_session_changed_settles_nothing_of_the_new_one() -> None:
+    """A fence waits beside later batches; the reply of one sent on a channel that is gone since
+    says nothing of what was acked on the new channel, nor of the old channel's acks."""
+    store = MemoryStore(strip_delivery_count=False)
+    acks = Acknowledger(VHOST, store)
+    broker = Broker()
+    old = Channel(broker, deferred_fences=True)
+    acks.start_session()
+    run(acks.store([delivery(1, Message(1, b"m1"), False)], 1, retry=False))
+    run(acks.acknowledge(old, 1, 1))
+    fencing = acks.fence(old)
+    fencing.send(None)  # sent, waiting for its reply
+    acks.start_session()  # the old channel is replaced before the reply is read
+    new = Channel(broker, deferred_fences=True)
+    run(acks.store([delivery(1, Message(2, b"m2"), False)], 2, retry=False))
+    run(acks.acknowledge(new, 2, 1))
+    old.answer()
+    with pytest.raises(StopIteration):
+        fencing.send(None)
+    assert acks.fenced_batches == ()
+    assert acks.has_unfenced  # batch 2 still waits for a fence of its own channel
+
+
+def test_batches_acked_while_a_fence_waits_are_settled_only_by_a_later_fence() -> None:
+    store = MemoryStore(strip_delivery_count=False)
+    acks = Acknowledger(VHOST, store)
+    channel = Channel(Broker(), deferred_fences=True)
+    acks.start_session()
+    run(acks.store([delivery(1, Message(1, b"m1"), False)], 1, retry=False))
+    run(acks.acknowledge(channel, 1, 1))
+    fencing = acks.fence(channel)
+    fencing.send(None)
+    run(acks.store([delivery(2, Message(2, b"m2"), False)], 2, retry=False))
+    run(acks.acknowledge(channel, 2, 2))
+    channel.answer()
+    with pytest.raises(StopIteration):
+        fencing.send(None)
+    assert acks.fenced_batches == (1,)
+    assert acks.has_unfenced
+    run(acks.forget_fenced())
+    assert {row.batch_id for row in store.pending} == {2}
