@@ -33,6 +33,7 @@ from bench.common import (
     log,
     publish,
     publish_steadily,
+    settle_database,
     window_size,
 )
 from rabbit_archive.archive.amqp_codec import Properties, encode_properties
@@ -161,6 +162,7 @@ async def copy(database_url: str, sizes: Sizes, *, barrier: asyncio.Barrier | No
     connection = await asyncpg.connect(database_url)
     try:
         await apply_migrations(connection)
+        await settle_database()
         if barrier is not None:
             await barrier.wait()
         seconds, copied = 0.0, 0

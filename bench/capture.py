@@ -43,6 +43,7 @@ from bench.common import (
     log_tail,
     peak_rss_mb,
     publish_steadily,
+    settle_database,
 )
 from rabbit_archive.config.settings import Settings
 
@@ -179,6 +180,7 @@ async def drain(
     after_id = int(await database.fetchval(NEWEST_ID))
     log.log(f"rabbit-capture: publishing {count} messages to vhost {vhost}")
     await fill(vhost, sizes)
+    await settle_database()
     log.log("rabbit-capture: draining")
     # WAL is the whole server's: the other databases of the machine should be quiet meanwhile.
     table_before, indexes_before = await on_disk(database)

@@ -21,7 +21,7 @@ from typing import IO, Any
 import aio_pika
 import asyncpg
 
-from bench.common import EXCHANGE, Sizes, amqp_url, log, log_tail
+from bench.common import EXCHANGE, Sizes, amqp_url, log, log_tail, settle_database
 
 REPLAY = Path(sys.executable).parent / "rabbit-replay"
 TARGET_QUEUE = "replay-target"
@@ -106,6 +106,7 @@ async def run(
         finally:
             await database.close()
     analyzed_before = await analyzed(database_url)
+    await settle_database()  # the replay writes its history and reads the archive the capture left
     async with await aio_pika.connect(amqp_url(vhost)) as connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(TARGET_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
