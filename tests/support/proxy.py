@@ -445,6 +445,13 @@ class TcpProxy:
             loop.run_forever()
         finally:
             try:
+                # A TLS handshake still in progress (asyncio's accept task, which the server does
+                # not track) would be destroyed pending with its socket open: cancel it, and let
+                # its transport close, before the loop closes.
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, asyncio.sleep(0.01), return_exceptions=True))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 asyncio.set_event_loop(None)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import socket
 import struct
 import threading
+import time
+import warnings
 from asyncio import StreamReader, StreamWriter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +26,7 @@ from tests.support.proxy import (
     AmqpFrameSplitter,
     TcpProxy,
 )
+from tests.support.tls import make_certificates
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -552,3 +557,28 @@ async def test_cut_after_any_frame_and_disarm(amqp_proxy: TcpProxy, recorder: Re
 def test_frame_cuts_need_amqp_mode(proxy: TcpProxy) -> None:
     with pytest.raises(RuntimeError, match="amqp=True"):
         proxy.arm_ack_cut()
+
+
+def test_stop_during_a_tls_handshake_leaves_nothing_pending_or_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that connects and never finishes the handshake (as a failed certificate check
+    can leave it): asyncio's accept task waits in it, untracked by the server."""
+    certificates = make_certificates(tmp_path)
+    with socket.create_server((LOCALHOST, 0)) as listener, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with TcpProxy(LOCALHOST, listener.getsockname()[1], ssl=certificates.server_context()) as proxy:
+            clients = [socket.create_connection((LOCALHOST, proxy.port), timeout=5) for _ in range(2)]
+            client_ports = {client.getsockname()[1] for client in clients}
+            time.sleep(0.3)  # accepted: their handshakes wait for a ClientHello that never comes
+        gc.collect()
+        for client in clients:
+            client.close()
+    assert "Task was destroyed but it is pending" not in caplog.text
+    leaked = [str(warning.message) for warning in caught if issubclass(warning.category, ResourceWarning)]
+    assert not [
+        message
+        for message in leaked
+        if any(f"raddr=('127.0.0.1', {port})" in message for port in client_ports)
+    ]
+    assert not [message for message in leaked if "unclosed transport" in message]
