@@ -9,8 +9,9 @@
   latency, its floor on this machine at that moment;
 - copy: PostgreSQL alone, taking the rows the daemon would write for N messages (built before the
   clock starts, by the daemon's own archive.records.message_row) into the archive table of a
-  database of its own, in full batches (BATCH_SIZE rows, BATCH_MAX_BYTES), each one COPY and a
-  commit: the database's share of the capture's drain, its bound.
+  database of its own, in full batches (as many rows as the daemon's batcher takes under
+  BATCH_SIZE and BATCH_MAX_BYTES), each one COPY and a commit: the database's share of the
+  capture's drain, its bound.
 """
 
 import asyncio
@@ -39,6 +40,7 @@ from bench.common import (
 from rabbit_archive.archive.amqp_codec import Properties, encode_properties
 from rabbit_archive.archive.migrate import apply_migrations
 from rabbit_archive.archive.records import MESSAGE_COLUMNS, message_row
+from rabbit_archive.capture.batching import Batcher, Delivery
 from rabbit_archive.config.settings import Settings
 
 PREFETCH: int = Settings.model_fields["prefetch"].default  # the daemon's default, not the environment's
@@ -148,17 +150,30 @@ async def copy(database_url: str, sizes: Sizes, *, barrier: asyncio.Barrier | No
     With a barrier, the copying starts when the other parties are ready too (consumer_and_copy).
     """
     body = sizes.body
-    per_batch = max(1, min(BATCH_SIZE, BATCH_MAX_BYTES // max(len(body), 1)))
-    rows = []
-    for index in range(min(per_batch, sizes.messages)):
+    # The daemon's own batcher decides how many go in a transaction: it counts each delivery's
+    # properties and bookkeeping against BATCH_MAX_BYTES, so 1 MiB bodies make batches of 15.
+    batcher = Batcher(BATCH_SIZE, BATCH_MAX_BYTES)
+    for index in range(min(BATCH_SIZE, sizes.messages)):
         headers = [
             (b"seq", ("I", index)),
             (b"source", ("S", b"bench")),
             (b"tenant", ("S", f"t-{index % 7}".encode())),
         ]
         properties = Properties(headers=headers, delivery_mode=2, message_id=f"m-{index}".encode())
-        row = message_row("bench", "bench", f"bench.{index % 10}", False, encode_properties(properties), body)
-        rows.append((*row, datetime.now(UTC)))
+        batcher.add(
+            Delivery(index + 1, False, "bench", f"bench.{index % 10}", encode_properties(properties), body)
+        )
+        if batcher.full:
+            break
+    captured_at = datetime.now(UTC)
+    rows = [
+        (
+            *message_row("bench", item.exchange, item.routing_key, False, item.properties_raw, item.body),
+            captured_at,
+        )
+        for item in batcher.take()
+    ]
+    per_batch = len(rows)
     connection = await asyncpg.connect(database_url)
     try:
         await apply_migrations(connection)
