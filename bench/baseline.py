@@ -30,6 +30,7 @@ from bench.common import (
     STEADY_EXCHANGE,
     Sizes,
     amqp_url,
+    backlog_properties,
     fill,
     log,
     publish,
@@ -37,7 +38,6 @@ from bench.common import (
     settle_database,
     window_size,
 )
-from rabbit_archive.archive.amqp_codec import Properties, encode_properties
 from rabbit_archive.archive.migrate import apply_migrations
 from rabbit_archive.archive.records import MESSAGE_COLUMNS, message_row
 from rabbit_archive.capture.batching import Batcher, Delivery
@@ -154,14 +154,9 @@ async def copy(database_url: str, sizes: Sizes, *, barrier: asyncio.Barrier | No
     # properties and bookkeeping against BATCH_MAX_BYTES, so 1 MiB bodies make batches of 15.
     batcher = Batcher(BATCH_SIZE, BATCH_MAX_BYTES)
     for index in range(min(BATCH_SIZE, sizes.messages)):
-        headers = [
-            (b"seq", ("I", index)),
-            (b"source", ("S", b"bench")),
-            (b"tenant", ("S", f"t-{index % 7}".encode())),
-        ]
-        properties = Properties(headers=headers, delivery_mode=2, message_id=f"m-{index}".encode())
+        # The properties `fill` publishes the backlog with, so these are the rows capture stores.
         batcher.add(
-            Delivery(index + 1, False, "bench", f"bench.{index % 10}", encode_properties(properties), body)
+            Delivery(index + 1, False, "bench", f"bench.{index % 10}", backlog_properties(index), body)
         )
         if batcher.full:
             break
