@@ -115,6 +115,10 @@ WITH fence AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(8241976967880245
 SELECT clock_timestamp(), pg_notify('rabbit_archive_captured', $1::text) FROM fence
 """
 
+# A batch's ids taken in one statement, right after the fence: the batch written next starts only
+# once this returned, so its ids are all higher even when it commits first (capture/store.py).
+TAKE_IDS = "SELECT nextval('rabbit_archive.messages_id_seq') FROM generate_series(1, $1::integer)"
+
 # Inside a short transaction of the reader: wait at most this long for capture
 # transactions in flight (one that never ends is the daemon's trouble, not a reason to hang).
 FENCE_TIMEOUT = "SET LOCAL lock_timeout = '30s'"

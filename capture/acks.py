@@ -28,8 +28,9 @@ and to PostgreSQL only through `ArchiveStore`, so it is driven step by step in u
 (tests/unit/test_acks.py) with an in-memory store and broker.
 """
 
+import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from rabbit_archive.capture.batching import Delivery
@@ -78,15 +79,31 @@ class Acknowledger:
         return tuple(self._fenced)
 
     @property
+    def read_past(self) -> bool:
+        """Whether this session committed a first-time delivery: no earlier session's
+        redelivery can come any more, and no batch of it will delete their fingerprints."""
+        return self._read_past
+
+    @property
     def has_unfenced(self) -> bool:
         """Whether batches acked on this session wait for a fence."""
         return bool(self._unfenced)
 
-    async def store(self, batch: Sequence[Delivery], batch_id: int, *, retry: bool) -> WriteResult:
+    async def store(
+        self,
+        batch: Sequence[Delivery],
+        batch_id: int,
+        *,
+        retry: bool,
+        ids_taken: asyncio.Event | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> WriteResult:
         """Write the batch in one transaction, with the fenced batches' fingerprints deleted in it.
 
         Raises what the store raises (DatabaseUnavailable); nothing is lost then: the fenced
-        batches are forgotten with a later transaction.
+        batches are forgotten with a later transaction. Two batches may be stored at once (see
+        `ids_taken` and `before_commit` in ArchiveStore.write_batch): they commit and are
+        acknowledged in the order they were taken.
         """
         forget, self._fenced = self._fenced, []
         read_past = not self._read_past and any(not delivery.redelivered for delivery in batch)
@@ -99,6 +116,8 @@ class Acknowledger:
                 retry=retry,
                 session_id=self.session_id,
                 forget_other_sessions=read_past,
+                ids_taken=ids_taken,
+                before_commit=before_commit,
             )
         except BaseException:
             self._fenced = forget + self._fenced

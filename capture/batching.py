@@ -6,6 +6,10 @@ next batch, which starts when that write ends. So under a light load a delivery 
 most one write besides its own, and under a heavy one batches grow by themselves to what arrives
 during a write, up to max_count deliveries and max_bytes. The writer is never idle while
 something is buffered. No timer decides when a batch goes: the writer's own pace does.
+
+One more write may run beside the one in progress, when the consumer allows it and a batch
+full by bytes is waiting: with large rows PostgreSQL's single COPY backend is the bound, and a
+second connection uses the other core (see capture/consumer.py).
 """
 
 from dataclasses import dataclass, field
@@ -41,7 +45,8 @@ class Batcher:
     # Each buffered delivery's size, worked out once as it was added.
     _sizes: list[int] = field(default_factory=list)
     _bytes: int = 0
-    _writing: bool = False
+    # Writes in progress: taken and not yet written(); at most two.
+    _writing: int = 0
 
     def add(self, delivery: Delivery) -> int:
         """Append a delivery; returns the bytes now buffered (as `bytes`), saving the caller a call."""
@@ -67,19 +72,27 @@ class Batcher:
     @property
     def writing(self) -> bool:
         """True between take() and written(): a batch is being written."""
-        return self._writing
+        return self._writing > 0
 
-    def due(self) -> bool:
-        """True when a batch should be taken now: something is buffered and the writer is idle."""
-        return bool(self._items) and not self._writing
+    def due(self, *, beside: bool = False) -> bool:
+        """True when a batch should be taken now: something is buffered and the writer is idle.
 
-    def take(self) -> list[Delivery]:
+        With `beside`, also when one write is in progress and a batch full by bytes waits: it
+        may be written beside that one (take(beside=True)).
+        """
+        if not self._items:
+            return False
+        if not self._writing:
+            return True
+        return beside and self._writing == 1 and self._bytes >= self.max_bytes
+
+    def take(self, *, beside: bool = False) -> list[Delivery]:
         """Start a write: remove and return up to max_count items (max_bytes unless one is larger).
 
-        Until written() the writer is busy and nothing is due; what arrives meanwhile forms
-        the next batch.
+        Until written() the writer is busy and nothing is due (but a second, full batch when the
+        caller allows one beside); what arrives meanwhile forms the next batch.
         """
-        if self._writing:
+        if self._writing and not (beside and self._writing == 1):
             raise RuntimeError("a batch is already being written")
         items, sizes = self._items, self._sizes
         if len(items) <= self.max_count and self._bytes <= self.max_bytes:
@@ -95,12 +108,12 @@ class Batcher:
         self._sizes = sizes[count:]
         self._bytes -= size
         # Taking from an empty buffer starts no write.
-        self._writing = bool(batch)
+        self._writing += bool(batch)
         return batch
 
     def written(self) -> None:
-        """The write started by take() ended (committed or abandoned): the next batch may start."""
-        self._writing = False
+        """A write started by take() ended (committed or abandoned): the next batch may start."""
+        self._writing = max(self._writing - 1, 0)
 
     def clear(self) -> int:
         """Forget every buffered delivery (their channel is gone); returns how many."""

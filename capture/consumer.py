@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aiormq
@@ -52,6 +53,51 @@ SESSION_ENDING_ERRORS: tuple[type[Exception], ...] = (
 
 # Seconds before a vhost that could not be captured (see VhostCapture.run) is tried again.
 VHOST_RETRY = 15.0
+
+
+class _EarlierBatchFailed(Exception):
+    """The batch written before this one did not commit: this one rolls back and follows it."""
+
+
+@dataclass(eq=False)
+class _Write:
+    """A batch written beside the loop (VhostCapture._flush), as the batch after it sees it."""
+
+    task: "asyncio.Task[None] | None" = None
+    # Its rows' ids are taken: the next batch may start (its ids are all higher).
+    ids_taken: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once an attempt committed; once one failed (the next batch then rolls back and follows).
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def commit_or_fail(self) -> None:
+        """Return when this batch committed; raise _EarlierBatchFailed when an attempt failed.
+
+        Awaited inside the next batch's transaction, which holds a share of the selection fence
+        meanwhile: a failed attempt lets it go at once, as the retry may have to queue for the
+        fence behind a reader that waits for that transaction.
+        """
+        if not self.committed.is_set() and not self.failed.is_set():
+            committed = asyncio.ensure_future(self.committed.wait())
+            failed = asyncio.ensure_future(self.failed.wait())
+            try:
+                await asyncio.wait((committed, failed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                committed.cancel()
+                failed.cancel()
+        if self.failed.is_set():
+            # Even if a retry committed since: it took its ids after the waiting batch took its own.
+            raise _EarlierBatchFailed
+
+
+def _attempt_failed(write: _Write | None) -> None:
+    """An attempt at a batch written beside the loop failed: the batch after it rolls back."""
+    if write is not None:
+        write.failed.set()
+
+
+def _done(write: _Write) -> bool:
+    return write.task is None or write.task.done()
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -155,6 +201,8 @@ class VhostCapture:
         # comes after every delivery the broker pushed before it (up to PREFETCH of them), which
         # at the start of a backlog of large messages takes most of a second to read.
         self._fencing: asyncio.Task[None] | None = None
+        # Writes running beside the loop, in the order their batches were taken (see _flush).
+        self._writes: list[_Write] = []
 
     async def run(self) -> None:
         """Keep a broker session going until stop is set; return after the final flush."""
@@ -389,6 +437,7 @@ class VhostCapture:
             await self._consume_until_stopped(channel, acks, batcher, gate, wake, lambda: cancelled)
             await self._drain(channel, acks, consume_ok.consumer_tag or "", batcher, gate)
         finally:
+            self._abandon_writes()
             self._abandon_fence()
 
     async def _consume_until_stopped(
@@ -405,11 +454,12 @@ class VhostCapture:
         idle_since = loop.time()
         while not self._stop.is_set():
             self._raise_if_fence_failed()
+            self._raise_if_write_failed()
             if channel.is_closed:
                 raise BrokerUnavailable(f"channel to vhost {self._vhost!r} closed")
             if cancelled():
                 raise BrokerUnavailable(f"the broker cancelled the consumer of {self._settings.queue!r}")
-            if not batcher.due():
+            if not batcher.due(beside=self._beside_allowed()):
                 try:
                     # Short waits keep the loop responsive to stop without another task;
                     # FLUSH_INTERVAL bounds them too, should a wake-up ever be missed.
@@ -418,15 +468,16 @@ class VhostCapture:
                 except TimeoutError:
                     pass
             wake.clear()
+            self._raise_if_write_failed()
             now = loop.time()
-            if batcher.due():
-                await self._flush(channel, acks, batcher, gate)
+            if batcher.due(beside=self._beside_allowed()):
+                await self._flush(channel, acks, batcher, gate, wake)
                 if self._reply_is_cheap(gate):
                     self._start_fence(acks, gate, wake)
                 if batcher.bytes < settings.buffer_max_bytes:
                     gate.resume()
                 idle_since = now
-            elif self._acks.has_unsettled and now - idle_since > settings.flush_interval:
+            elif not self._writes and self._acks.has_unsettled and now - idle_since > settings.flush_interval:
                 # Idle: little can be in flight, so the fence's reply comes at once.
                 await self._fence_now(acks, gate)
                 await self._forget_fenced()
@@ -443,6 +494,7 @@ class VhostCapture:
         """Stop consuming, then write and acknowledge everything already delivered."""
         if channel.is_closed:
             return
+        await self._finish_writes()
         # basic.cancel waits for the channel's lock, which a fence holds until answered.
         await self._finish_fence()
         if not self._reply_is_cheap(gate):
@@ -463,22 +515,111 @@ class VhostCapture:
         log.info("drained", extra={"vhost": self._vhost})
 
     async def _flush(
-        self, channel: aiormq.abc.AbstractChannel, acks: "_ChannelAcks", batcher: Batcher, gate: ReadGate
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        acks: "_ChannelAcks",
+        batcher: Batcher,
+        gate: ReadGate,
+        wake: asyncio.Event | None = None,
     ) -> None:
-        batch = batcher.take()
-        try:
-            await self._write_and_acknowledge(channel, acks, batch, gate)
-        finally:
+        """Write and acknowledge the next batch; with `wake`, a large one goes on beside the loop.
+
+        With large rows one COPY backend of PostgreSQL is the bound while the other core idles,
+        so a batch of at least half BATCH_MAX_BYTES is written as a task: once its ids are taken
+        the loop may start the next full batch on a second connection (Batcher.due(beside=True)).
+        The two COPYs run at once; everything else stays in the batches' order: ids (each batch
+        takes all of its own before the next starts), commits (the second waits inside its
+        transaction for the first to commit, and rolls back to follow it should that fail) and
+        acknowledgements. Any other batch is written by the loop itself, after those in
+        progress.
+        """
+        beside = self._beside_allowed()
+        batch = batcher.take(beside=beside)
+        if wake is None or not self._may_write_beside(batch):
+            try:
+                await self._finish_writes()
+                await self._write_and_acknowledge(channel, acks, batch, gate)
+            finally:
+                batcher.written()
+            return
+        after = self._writes[-1] if self._writes else None
+        write = _Write()
+        write.task = asyncio.create_task(
+            self._write_and_acknowledge(channel, acks, batch, gate, write=write, after=after),
+            name=f"write:{self._vhost}",
+        )
+        self._writes.append(write)
+        if after is not None:
+            self._metrics.batches_beside.labels(self._vhost).inc()
+
+        def written(_: object) -> None:
             batcher.written()
+            wake.set()
+
+        write.task.add_done_callback(written)
+        taken = asyncio.ensure_future(write.ids_taken.wait())
+        try:
+            await asyncio.wait((write.task, taken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            taken.cancel()
+
+    def _may_write_beside(self, batch: list[Delivery]) -> bool:
+        """Whether the batch may be written while another is (or may start beside it).
+
+        Only large batches, where a second COPY pays off, and only batches whose transaction
+        has nothing to do with another's: no redelivered message to match against pending
+        fingerprints, and this session past the first first-time delivery (whose batch deletes
+        the fingerprints of earlier sessions, see capture/acks.py), so it must run alone.
+        """
+        if not self._acks.read_past or any(item.redelivered for item in batch):
+            return False
+        return 2 * sum(item.size for item in batch) >= self._settings.batch_max_bytes
+
+    def _beside_allowed(self) -> bool:
+        """Whether a second batch may be taken now: exactly one write runs beside the loop."""
+        return len(self._writes) == 1 and not _done(self._writes[0])
+
+    async def _finish_writes(self) -> None:
+        """Wait for the writes running beside the loop; the first failure is the session's."""
+        while self._writes:
+            task = self._writes.pop(0).task
+            if task is not None:
+                await task
+
+    def _raise_if_write_failed(self) -> None:
+        for write in [write for write in self._writes if _done(write)]:
+            self._writes.remove(write)
+            if write.task is not None:
+                write.task.result()
+
+    def _abandon_writes(self) -> None:
+        """The session ends: writes still running are cancelled (their messages are requeued)."""
+        writes, self._writes = self._writes, []
+        for task in [write.task for write in writes if write.task is not None]:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: the session's own error is what gets reported
 
     async def _write_and_acknowledge(
-        self, channel: aiormq.abc.AbstractChannel, acks: "_ChannelAcks", batch: list[Delivery], gate: ReadGate
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        acks: "_ChannelAcks",
+        batch: list[Delivery],
+        gate: ReadGate,
+        *,
+        write: _Write | None = None,
+        after: _Write | None = None,
     ) -> None:
         batch_id = random.getrandbits(63)
         started = time.perf_counter()
-        result = await self._write_until_stored(channel, batch, batch_id)
+        result = await self._write_until_stored(channel, batch, batch_id, write, after)
         self._health.set_database_ok(True)
         elapsed = time.perf_counter() - started
+        if after is not None and after.task is not None:
+            # The ack is multiple=True, so it covers the batch written before this one: that
+            # batch is acknowledged first (its failure ends the session with this one unacked).
+            await after.task
         # Acknowledge only now that the rows are committed: a crash before this line means
         # redelivery, recognised by the pending fingerprints.
         await self._acks.acknowledge(acks, batch_id, batch[-1].delivery_tag)
@@ -503,15 +644,38 @@ class VhostCapture:
         )
 
     async def _write_until_stored(
-        self, channel: aiormq.abc.AbstractChannel, batch: list[Delivery], batch_id: int
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        batch: list[Delivery],
+        batch_id: int,
+        write: _Write | None = None,
+        after: _Write | None = None,
     ) -> Any:
-        """Write the batch, retrying while PostgreSQL is away; the broker keeps the messages."""
+        """Write the batch, retrying while PostgreSQL is away; the broker keeps the messages.
+
+        A batch written beside another (`write`, `after` the one before it) commits after it.
+        """
         backoff = Backoff(first=0.5, cap=5.0)
         retry = False
         while True:
             try:
-                return await self._acks.store(batch, batch_id, retry=retry)
+                result = await self._acks.store(
+                    batch,
+                    batch_id,
+                    retry=retry,
+                    ids_taken=None if write is None else write.ids_taken,
+                    before_commit=None if after is None else after.commit_or_fail,
+                )
+            except _EarlierBatchFailed:
+                # Rolled back, with ids that may now be lower than the batch before's: once
+                # that batch is written and acknowledged, this one is written again after it.
+                _attempt_failed(write)
+                if after is not None and after.task is not None:
+                    await after.task
+                after, retry = None, True
+                continue
             except DatabaseUnavailable as error:
+                _attempt_failed(write)
                 self._health.set_database_ok(False)
                 self._metrics.errors.labels("database").inc()
                 log.warning(
@@ -524,6 +688,13 @@ class VhostCapture:
                 # Keep retrying after stop too: the messages are safe in the queue either
                 # way, and the daemon's hard deadline ends this if the outage outlasts it.
                 await asyncio.sleep(backoff.next())
+                continue
+            except BaseException:
+                _attempt_failed(write)
+                raise
+            if write is not None:
+                write.committed.set()
+            return result
 
     def _reply_is_cheap(self, gate: ReadGate) -> bool:
         """Whether a request's reply can be awaited now without risking memory.

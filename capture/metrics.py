@@ -52,6 +52,12 @@ class CaptureMetrics:
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
             registry=self.registry,
         )
+        self.batches_beside = Counter(
+            "rabbit_archive_batches_beside",
+            "Batches written beside another on a second database connection (rows of large messages).",
+            ["vhost"],
+            registry=self.registry,
+        )
         self.bound_exchanges = Gauge(
             "rabbit_archive_bound_exchanges",
             "Exchanges the archive queue is bound to.",

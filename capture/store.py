@@ -1,10 +1,11 @@
 """The capture daemon's narrow interface to PostgreSQL: one method per database operation."""
 
+import asyncio
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 _EXCHANGE = MESSAGE_COLUMNS.index("exchange")
 _BODY_SIZE = MESSAGE_COLUMNS.index("body_size")
 _COPY_COLUMNS = (*MESSAGE_COLUMNS, "captured_at")
+# With ids taken ahead (a batch written beside another, see write_batch).
+_COPY_COLUMNS_WITH_ID = ("id", *_COPY_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -70,11 +73,16 @@ class ArchiveStore(Protocol):
         retry: bool = False,
         session_id: int = 0,
         forget_other_sessions: bool = False,
+        ids_taken: asyncio.Event | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> WriteResult:
         """Store the deliveries in one transaction (dropping recognised redeliveries).
 
         The fingerprints of `forget` batches are deleted first; with `forget_other_sessions`
         those of the vhost's other broker sessions are deleted after the batch is matched.
+        With `ids_taken`, every row's id is taken at the start and the event set then: a
+        batch written beside this one may start, its ids all higher. `before_commit` is
+        awaited last inside the transaction; what it raises rolls the batch back.
         """
 
     async def forget_pending(self, batch_ids: Sequence[int]) -> None:
@@ -165,11 +173,17 @@ class PostgresStore:
         retry: bool = False,
         session_id: int = 0,
         forget_other_sessions: bool = False,
+        ids_taken: asyncio.Event | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> WriteResult:
         """Store the deliveries in one transaction (dropping recognised redeliveries).
 
         With `retry`, a batch whose earlier attempt did commit (the reply was lost) is not
-        written again.
+        written again. With `ids_taken`, the rows' ids are taken in one statement right after
+        the fence, in delivery order, and the event is set: the next batch can then be written
+        beside this one on another connection, its ids all higher. `before_commit` is awaited
+        last inside the transaction (the batch written before commits first); what it raises
+        rolls this batch back and is raised as it is.
         """
         prepared = [self._prepare(vhost, delivery) for delivery in deliveries]
         try:
@@ -186,7 +200,13 @@ class PostgresStore:
                     await connection.execute(queries.FORGET_PENDING, list(forget))
                 if retry and await connection.fetchval(queries.BATCH_COMMITTED, batch_id):
                     return WriteResult(already_committed=True)
-                result = await self._write_part(connection, vhost, prepared, owner)
+                ids: list[int] | None = None
+                if ids_taken is not None:
+                    # The statement's values come back in no promised order: sorted, they follow
+                    # the deliveries' order as a COPY taking them one by one would.
+                    ids = sorted(row[0] for row in await connection.fetch(queries.TAKE_IDS, len(prepared)))
+                    ids_taken.set()
+                result = await self._write_part(connection, vhost, prepared, ids, owner)
                 if result.pending:
                     await connection.execute(
                         queries.PENDING_ADD, batch_id, owner.session_id, owner.vhost, pack(result.pending)
@@ -202,6 +222,8 @@ class PostgresStore:
                     raise DatabaseUnavailable(
                         f"writing a batch: it took over {margin:.0f} s, so it was rolled back to be retried"
                     )
+                if before_commit is not None:
+                    await before_commit()
                 return result
         except DATABASE_ERRORS as error:
             # Data errors of single rows were dealt with by _write_part: what is left is the
@@ -209,25 +231,40 @@ class PostgresStore:
             raise database_error(error, "writing a batch") from error
 
     async def _write_part(
-        self, connection: Connection, vhost: str, prepared: list[_Prepared], owner: "_Owner"
+        self,
+        connection: Connection,
+        vhost: str,
+        prepared: list[_Prepared],
+        ids: list[int] | None,
+        owner: "_Owner",
     ) -> WriteResult:
-        """Write a part inside a savepoint; a part the data makes fail is split until isolated."""
+        """Write a part inside a savepoint; a part the data makes fail is split until isolated.
+
+        `ids`, when taken ahead, holds one id per item of `prepared`.
+        """
         try:
             async with connection.transaction():
-                return await self._write_in(connection, vhost, prepared, owner)
+                return await self._write_in(connection, vhost, prepared, ids, owner)
         except asyncpg.PostgresError as error:
             if not _is_data_error(error):
                 raise
             if len(prepared) == 1:
-                return await self._write_unstorable(connection, vhost, prepared[0], owner, error)
+                item_id = None if ids is None else ids[0]
+                return await self._write_unstorable(connection, vhost, prepared[0], item_id, owner, error)
             log.warning("batch_split", extra={"batch_size": len(prepared), "error": describe(error)})
             middle = len(prepared) // 2
-            result = await self._write_part(connection, vhost, prepared[:middle], owner)
-            result.merge(await self._write_part(connection, vhost, prepared[middle:], owner))
+            first_ids, last_ids = (None, None) if ids is None else (ids[:middle], ids[middle:])
+            result = await self._write_part(connection, vhost, prepared[:middle], first_ids, owner)
+            result.merge(await self._write_part(connection, vhost, prepared[middle:], last_ids, owner))
             return result
 
     async def _write_in(
-        self, connection: Connection, vhost: str, prepared: list[_Prepared], owner: "_Owner"
+        self,
+        connection: Connection,
+        vhost: str,
+        prepared: list[_Prepared],
+        ids: list[int] | None,
+        owner: "_Owner",
     ) -> WriteResult:
         result = WriteResult()
         already_stored: Counter[bytes] = Counter()
@@ -242,15 +279,17 @@ class PostgresStore:
             already_stored.update(matched)
             # Matched fingerprints move to this batch (see queries.PENDING_OF_OTHER_SESSIONS).
             result.pending.extend(matched)
-        kept = prepared
+        kept, kept_ids = prepared, ids
         if already_stored:
-            kept = []
-            for item in prepared:
+            kept, kept_ids = [], None if ids is None else []
+            for index, item in enumerate(prepared):
                 if item.redelivered and already_stored[item.fingerprint]:
                     already_stored[item.fingerprint] -= 1
                     result.duplicates += 1
                 else:
                     kept.append(item)
+                    if kept_ids is not None and ids is not None:
+                        kept_ids.append(ids[index])
         captured_at = owner.captured_at
         records = [(*item.record, captured_at) for item in kept]
         result.pending.extend([item.fingerprint for item in kept])
@@ -260,7 +299,7 @@ class PostgresStore:
         stored_bytes = result.stored_bytes
         for record in records:
             stored_bytes[record[_EXCHANGE]] += record[_BODY_SIZE]
-        await _copy(connection, records)
+        await _copy(connection, records, kept_ids)
         return result
 
     async def _write_unstorable(
@@ -268,6 +307,7 @@ class PostgresStore:
         connection: Connection,
         vhost: str,
         item: _Prepared,
+        item_id: int | None,
         owner: "_Owner",
         error: BaseException,
     ) -> WriteResult:
@@ -277,7 +317,7 @@ class PostgresStore:
         row[MESSAGE_COLUMNS.index("properties")] = _json_reason(reason)
         row[MESSAGE_COLUMNS.index("headers")] = None
         log.error("message_unstorable", extra={"exchange": row[_EXCHANGE], "error": reason})
-        await _copy(connection, [(*row, owner.captured_at)])
+        await _copy(connection, [(*row, owner.captured_at)], None if item_id is None else [item_id])
         stored_exchange = row[_EXCHANGE]
         return WriteResult(
             stored=1,
@@ -340,12 +380,17 @@ class _Owner:
     captured_at: datetime
 
 
-async def _copy(connection: Connection, records: list[tuple[Any, ...]]) -> None:
-    """The rows of a batch, each ending with its capture time."""
-    if records:
-        await connection.copy_records_to_table(
-            "messages", schema_name="rabbit_archive", columns=_COPY_COLUMNS, records=records
-        )
+async def _copy(connection: Connection, records: list[tuple[Any, ...]], ids: list[int] | None) -> None:
+    """The rows of a batch, each ending with its capture time; with the ids taken for them, if any."""
+    if not records:
+        return
+    columns: tuple[str, ...] = _COPY_COLUMNS
+    if ids is not None:
+        columns = _COPY_COLUMNS_WITH_ID
+        records = [(row_id, *record) for row_id, record in zip(ids, records, strict=True)]
+    await connection.copy_records_to_table(
+        "messages", schema_name="rabbit_archive", columns=columns, records=records
+    )
 
 
 async def _claim_pending(

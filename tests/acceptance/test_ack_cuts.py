@@ -30,6 +30,7 @@ RATE = 1500
 """Messages per second the publisher sends straight to the broker, beside the proxy."""
 
 SKIPPED = "rabbit_archive_duplicates_skipped_total"
+BESIDE = "rabbit_archive_batches_beside_total"
 CONSUMING = '"event": "consuming"'
 DUPLICATES = """
     SELECT message_id, count(*) FROM rabbit_archive.messages
@@ -94,7 +95,11 @@ def load_exchange(pika_channel: Any) -> str:
     return "load"
 
 
-@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+# The third case makes every batch of the backlogs after a cut large (BATCH_MAX_BYTES of 4 KiB):
+# they are written two at a time on two connections, either committing first, acked in order.
+@pytest.mark.parametrize(
+    ("queue_type", "batch_max_bytes"), [("quorum", None), ("classic", None), ("classic", "4096")]
+)
 def test_connection_cut_at_acks_under_load_stores_every_message_exactly_once(
     start_capture: Callable[..., CaptureProcess],
     amqp_url: str,
@@ -103,10 +108,12 @@ def test_connection_cut_at_acks_under_load_stores_every_message_exactly_once(
     services: Services,
     load_exchange: str,
     queue_type: str,
+    batch_max_bytes: str | None,
 ) -> None:
     with TcpProxy(services.amqp_host, services.amqp_port, amqp=True) as proxy:
         proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{quote(vhost, safe='')}"
-        daemon = start_capture(amqp_url=proxied, queue_type=queue_type, batch_size="250")
+        limits = {"batch_max_bytes": batch_max_bytes} if batch_max_bytes else {}
+        daemon = start_capture(amqp_url=proxied, queue_type=queue_type, batch_size="250", **limits)
         daemon.wait_bound(load_exchange)
         publisher = BackgroundPublisher(amqp_url, load_exchange, 10_000_000, rate=RATE).start()
         cuts: list[Cut] = []
@@ -161,3 +168,5 @@ def test_connection_cut_at_acks_under_load_stores_every_message_exactly_once(
         assert skipped > 0, report
         assert all(cut.skipped > 0 for cut in cuts if cut.before), report
         assert daemon.log().count('"event": "broker_session_lost"') >= CUTS
+        if batch_max_bytes:
+            assert daemon.metric_total(BESIDE) > 0, report

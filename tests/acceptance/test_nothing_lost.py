@@ -359,3 +359,22 @@ def test_prune_during_load_drops_old_days_and_loses_nothing_being_written(
     assert old[0][0] == 0
     run_sql(database_url, "DELETE FROM rabbit_archive.messages WHERE exchange = 'old'")
     assert_exactly_once(database_url, total, daemon=daemon)
+
+
+def test_large_batches_written_two_at_a_time_keep_publish_order_and_store_each_message_once(
+    start_capture: Callable[..., CaptureProcess], amqp_url: str, database_url: str, load_exchange: str
+) -> None:
+    """Batches of large rows are written two at a time on two connections (here every batch is
+    large: BATCH_MAX_BYTES of 16 KiB and 1 KiB bodies); ids still follow delivery order."""
+    total = 6_000
+    daemon = start_capture(batch_max_bytes=str(16 * 1024))
+    daemon.wait_bound(load_exchange)
+    assert daemon.stop() == 0  # the queue and its bindings stay: a backlog builds up
+    assert BackgroundPublisher(amqp_url, load_exchange, total, body_size=1024).start().join() == total
+    daemon = start_capture(batch_max_bytes=str(16 * 1024))
+    assert_exactly_once(database_url, total, daemon=daemon)
+    assert daemon.metric_total("rabbit_archive_batches_beside_total") > 0
+    archived = [
+        row[0] for row in run_sql(database_url, "SELECT message_id FROM rabbit_archive.messages ORDER BY id")
+    ]
+    assert archived == [f"m-{index}" for index in range(total)]  # archive order is publish order

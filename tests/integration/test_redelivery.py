@@ -329,8 +329,8 @@ async def test_a_redelivery_is_recognised_when_another_daemon_takes_the_copy_it_
     held, release = asyncio.Event(), asyncio.Event()
     real_copy = store_module._copy
 
-    async def copy_then_hold(connection: Any, records: list[Any]) -> None:
-        await real_copy(connection, records)
+    async def copy_then_hold(connection: Any, records: list[Any], ids: list[int] | None) -> None:
+        await real_copy(connection, records, ids)
         if not held.is_set():  # only the first write: the other daemon's
             held.set()
             await release.wait()

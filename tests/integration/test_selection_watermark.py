@@ -52,8 +52,8 @@ async def test_a_lower_id_committed_after_a_higher_one_is_not_skipped(
     copied, release = asyncio.Event(), asyncio.Event()
     real_copy = store_module._copy
 
-    async def copy_then_hold(connection: Any, records: list[Any]) -> None:
-        await real_copy(connection, records)
+    async def copy_then_hold(connection: Any, records: list[Any], ids: list[int] | None) -> None:
+        await real_copy(connection, records, ids)
         if records and records[0][BODY] == b"first":
             copied.set()
             await release.wait()  # the first batch has its ids but has not committed

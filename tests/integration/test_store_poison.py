@@ -1,5 +1,6 @@
 """A batch with rows PostgreSQL refuses is split until each bad row is alone; nothing is lost."""
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -28,10 +29,13 @@ def refused_views(real_row: Any) -> Any:
     return row
 
 
+# With ids taken ahead, as a batch written beside another takes them: each part keeps its own.
+@pytest.mark.parametrize("ids_ahead", [False, True])
 async def test_a_batch_with_refused_rows_is_split_and_every_message_stored(
     store: PostgresStore,  # noqa: F811
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    ids_ahead: bool,
 ) -> None:
     monkeypatch.setattr(store_module, "message_row", refused_views(store_module.message_row))
     bodies = [b"m0", b"m1", b"m2", b"m3", POISON, b"m5", b"m6", POISON, b"m8"]
@@ -46,17 +50,21 @@ async def test_a_batch_with_refused_rows_is_split_and_every_message_stored(
         )
         for tag, body in enumerate(bodies, start=1)
     ]
-    result = await store.write_batch("/", deliveries, batch_id=1, forget=[])
+    ids_taken = asyncio.Event() if ids_ahead else None
+    result = await store.write_batch("/", deliveries, batch_id=1, forget=[], ids_taken=ids_taken)
     assert (result.stored, result.unstorable) == (9, 2)
+    assert ids_taken is None or ids_taken.is_set()
     connection = await asyncpg.connect(database_url)
     try:
         rows = await connection.fetch(
-            "SELECT routing_key, body, properties_raw, properties::text, message_id "
+            "SELECT id, routing_key, body, properties_raw, properties::text, message_id "
             "FROM rabbit_archive.messages ORDER BY id"
         )
     finally:
         await connection.close()
     assert [row["body"] for row in rows] == bodies  # archive order is delivery order
+    if ids_ahead:  # one id each, taken together: no gap left by the parts split off
+        assert [row["id"] for row in rows] == list(range(rows[0]["id"], rows[0]["id"] + len(bodies)))
     for row, delivery in zip(rows, deliveries, strict=True):
         assert row["properties_raw"] == delivery.properties_raw
         assert row["routing_key"] == delivery.routing_key

@@ -6,8 +6,9 @@ injected into the next call: `"refuse"` (nothing applied, DatabaseUnavailable ra
 reply is lost).
 """
 
+import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from rabbit_archive.archive.errors import DatabaseUnavailable
@@ -49,6 +50,8 @@ class MemoryStore:
         retry: bool = False,
         session_id: int = 0,
         forget_other_sessions: bool = False,
+        ids_taken: asyncio.Event | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> WriteResult:
         fault = self._take_fault()
         if fault == "refuse":
@@ -59,6 +62,8 @@ class MemoryStore:
         if retry and any(row.batch_id == batch_id for row in pending):
             result.already_committed = True
         else:
+            if ids_taken is not None:
+                ids_taken.set()
             prepared = [
                 (delivery, *identify(vhost, delivery, strip_delivery_count=self.strip_delivery_count))
                 for delivery in deliveries
@@ -84,6 +89,8 @@ class MemoryStore:
                 result.stored += 1
             if forget_other_sessions:
                 pending = [row for row in pending if row.vhost != vhost or row.session_id == session_id]
+            if before_commit is not None:
+                await before_commit()  # what it raises applies nothing
         self.rows, self.pending = rows, pending
         if fault == "lost_reply":
             raise DatabaseUnavailable("injected: COMMIT reply lost")

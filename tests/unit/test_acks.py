@@ -260,6 +260,58 @@ class AckMachine(RuleBasedStateMachine):
     def flush(self, size: int, fault: str | None, fence_after: bool) -> None:
         self._flush(size, fault, fence_after=fence_after)
 
+    @precondition(lambda self: self.channel is not None and len(self.buffer) >= 2)
+    @rule(
+        first=st.integers(1, 4),
+        second=st.integers(1, 4),
+        later_commits_first=st.booleans(),
+        lost_between=st.sampled_from([None, None, "connection", "crash"]),
+        fault=st.sampled_from([None, None, "refuse", "lost_reply"]),
+    )
+    def flush_beside(
+        self, first: int, second: int, later_commits_first: bool, lost_between: str | None, fault: str | None
+    ) -> None:
+        """Two batches written at once (VhostCapture._flush, large rows), acked in their order.
+
+        The consumer commits them in order too (tests/unit/test_writes_beside.py); here either
+        may commit first, and the session may end between the two commits: the machine does not
+        rely on that order."""
+        assert self.channel is not None
+        first = min(first, len(self.buffer) - 1)
+        batches = [self.buffer[:first], self.buffer[first : first + second]]
+        if not self.acks.read_past or any(item.redelivered for batch in batches for item in batch):
+            # The consumer writes such batches alone (VhostCapture._may_write_beside).
+            self._flush(first, fault)
+            return
+        del self.buffer[: first + len(batches[1])]
+        ids = [next(self.batch_ids), next(self.batch_ids)]
+        for batch, batch_id in zip(batches, ids, strict=True):
+            self.batches[batch_id] = [self.by_tag[item.delivery_tag].ident for item in batch]
+        order = [1, 0] if later_commits_first else [0, 1]
+        for position, index in enumerate(order):
+            self.store.fault = fault if position == 0 else None
+            retry = False
+            while True:
+                try:
+                    run(self.acks.store(batches[index], ids[index], retry=retry))
+                    break
+                except DatabaseUnavailable:
+                    retry = True
+            if position == 0 and lost_between is not None:
+                # The other batch never commits; neither is acknowledged.
+                self.broker.lose(self.channel, acks_processed=False)
+                self._session_lost()
+                if lost_between == "crash":
+                    self.acks = Acknowledger(VHOST, self.store)
+                self._mark_stale()
+                return
+        for batch, batch_id in zip(batches, ids, strict=True):
+            try:
+                run(self.acks.acknowledge(self.channel, batch_id, batch[-1].delivery_tag))
+            except ConnectionLost:
+                self._session_lost()
+                return
+
     @rule(fault=st.sampled_from([None, None, "refuse", "lost_reply"]), roll=st.integers(0, RARELY - 1))
     def idle_rule(self, fault: str | None, roll: int) -> None:
         if not roll:

@@ -306,3 +306,70 @@ def test_group_commit_over_interleavings(
             assert started_at[tag] == ends, "a delivery goes with the batch after the write in progress"
         else:
             assert started_at[tag] > ends
+
+
+def test_a_full_batch_may_be_written_beside_the_write_in_progress() -> None:
+    one = delivery(1, body_size=100).size
+    batcher = Batcher(max_count=1000, max_bytes=2 * one)
+    batcher.add(delivery(1, body_size=100))
+    batcher.add(delivery(2, body_size=100))
+    assert tags(batcher.take()) == [1, 2]
+    batcher.add(delivery(3, body_size=100))
+    assert not batcher.due(beside=True), "a batch not full waits for the write in progress"
+    batcher.add(delivery(4, body_size=100))
+    batcher.add(delivery(5, body_size=100))
+    assert not batcher.due(), "beside only when the caller allows it"
+    assert batcher.due(beside=True)
+    assert tags(batcher.take(beside=True)) == [3, 4]
+    assert not batcher.due(beside=True), "two writes at most"
+    with pytest.raises(RuntimeError):
+        batcher.take(beside=True)
+    batcher.written()
+    assert batcher.writing
+    assert not batcher.due(), "one write still in progress"
+    batcher.written()
+    assert not batcher.writing
+    assert tags(batcher.take()) == [5]
+
+
+@given(
+    ops=st.lists(
+        st.one_of(st.integers(min_value=0, max_value=400), st.sampled_from(["take", "beside", "written"])),
+        max_size=80,
+    ),
+    max_count=st.integers(min_value=1, max_value=8),
+    max_bytes=st.integers(min_value=1, max_value=1_500),
+)
+def test_writes_beside_keep_order_limits_and_at_most_two_in_progress(
+    ops: list[int | str], max_count: int, max_bytes: int
+) -> None:
+    """Batches taken beside a write come in delivery order, full by bytes, never a third at once."""
+    batcher = Batcher(max_count=max_count, max_bytes=max_bytes)
+    added: list[Delivery] = []
+    taken: list[Delivery] = []
+    in_progress = 0
+    for op in ops:
+        if isinstance(op, int):
+            item = delivery(len(added), body_size=op)
+            added.append(item)
+            batcher.add(item)
+        elif op == "written":
+            if in_progress:
+                batcher.written()
+                in_progress -= 1
+        else:
+            beside = op == "beside"
+            second = beside and in_progress == 1 and batcher.bytes >= max_bytes
+            expected = bool(len(batcher)) and (in_progress == 0 or second)
+            assert batcher.due(beside=beside) == expected
+            if not expected:
+                continue
+            batch = batcher.take(beside=beside)
+            assert len(batch) <= max_count
+            if len(batch) > 1:
+                assert sum(item.size for item in batch) <= max_bytes
+            taken.extend(batch)
+            in_progress += 1
+        assert batcher.writing == (in_progress > 0)
+        assert len(batcher) == len(added) - len(taken)
+    assert tags(taken) == tags(added[: len(taken)])
