@@ -130,6 +130,12 @@ class Daemon:
         )
         return self.process.pid
 
+    async def metric_total(self, name: str) -> float:
+        """A metric of the daemon's /metrics summed over its labels (0 if this build has none)."""
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5)).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
     def check_running(self) -> None:
         """Fail with the daemon's log if it exited."""
         if self.process is not None and self.process.returncode is not None:
@@ -202,6 +208,8 @@ async def drain(
         tick += 1
         await asyncio.sleep(max(0.0, started + tick * POLL - time.perf_counter()))
     rss, cpu = peak_rss_mb(pid), cpu_seconds(pid)
+    batches = await daemon.metric_total("rabbit_archive_batch_messages_count")
+    beside = await daemon.metric_total("rabbit_archive_batches_beside_total")
     wal = int(await database.fetchval(WAL_SINCE, wal_from))
     table_after, indexes_after = await on_disk(database)
     assert first is not None
@@ -215,6 +223,9 @@ async def drain(
         "incl_startup_msg_per_s": count / (now - started),
         "rows_at_first_poll": first[1],
         "rows_stored": rows,
+        # Large batches are written two at a time (capture/consumer.py): how many went beside another.
+        "batches": batches,
+        "batches_beside": beside,
         "peak_rss_mb": rss,
         "cpu_seconds": cpu,
         "cpu_seconds_before_first_row": first[2],
