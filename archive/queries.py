@@ -115,6 +115,12 @@ WITH fence AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(8241976967880245
 SELECT clock_timestamp(), pg_notify('rabbit_archive_captured', $1::text) FROM fence
 """
 
+# In a batch written beside another (capture/consumer.py), before its fence: the second waits, in
+# the daemon, for the first to commit, so PostgreSQL cannot see a cycle through that wait (the first
+# queued behind a partition's DDL that queues behind the second). A lock wait this long fails the
+# attempt instead; the second then rolls back, and both are retried in order.
+BESIDE_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '5s'"
+
 # A batch's ids taken in one statement, right after the fence: the batch written next starts only
 # once this returned, so its ids are all higher even when it commits first (capture/store.py).
 TAKE_IDS = "SELECT nextval('rabbit_archive.messages_id_seq') FROM generate_series(1, $1::integer)"

@@ -55,6 +55,10 @@ SESSION_ENDING_ERRORS: tuple[type[Exception], ...] = (
 VHOST_RETRY = 15.0
 
 
+# Seconds a session's end waits for its cancelled writes (a COMMIT under way, a pool release).
+ABANDON_TIMEOUT = 10.0
+
+
 class _EarlierBatchFailed(Exception):
     """The batch written before this one did not commit: this one rolls back and follows it."""
 
@@ -437,7 +441,7 @@ class VhostCapture:
             await self._consume_until_stopped(channel, acks, batcher, gate, wake, lambda: cancelled)
             await self._drain(channel, acks, consume_ok.consumer_tag or "", batcher, gate)
         finally:
-            self._abandon_writes()
+            await self._abandon_writes()
             self._abandon_fence()
 
     async def _consume_until_stopped(
@@ -544,19 +548,20 @@ class VhostCapture:
             return
         after = self._writes[-1] if self._writes else None
         write = _Write()
-        write.task = asyncio.create_task(
-            self._write_and_acknowledge(channel, acks, batch, gate, write=write, after=after),
-            name=f"write:{self._vhost}",
-        )
+
+        async def write_beside() -> None:
+            try:
+                await self._write_and_acknowledge(channel, acks, batch, gate, write=write, after=after)
+            finally:
+                # Here, not in a done callback: the loop may see the task done before such a
+                # callback ran, and take a batch while the batcher still counts this write.
+                batcher.written()
+                wake.set()
+
+        write.task = asyncio.create_task(write_beside(), name=f"write:{self._vhost}")
         self._writes.append(write)
         if after is not None:
             self._metrics.batches_beside.labels(self._vhost).inc()
-
-        def written(_: object) -> None:
-            batcher.written()
-            wake.set()
-
-        write.task.add_done_callback(written)
         taken = asyncio.ensure_future(write.ids_taken.wait())
         try:
             await asyncio.wait((write.task, taken), return_when=asyncio.FIRST_COMPLETED)
@@ -576,8 +581,9 @@ class VhostCapture:
         return 2 * sum(item.size for item in batch) >= self._settings.batch_max_bytes
 
     def _beside_allowed(self) -> bool:
-        """Whether a second batch may be taken now: exactly one write runs beside the loop."""
-        return len(self._writes) == 1 and not _done(self._writes[0])
+        """Whether a second batch may be taken now: exactly one write runs beside the loop (and
+        none of its attempts failed: the second would only roll back)."""
+        return len(self._writes) == 1 and not _done(self._writes[0]) and not self._writes[0].failed.is_set()
 
     async def _finish_writes(self) -> None:
         """Wait for the writes running beside the loop; the first failure is the session's."""
@@ -592,13 +598,20 @@ class VhostCapture:
             if write.task is not None:
                 write.task.result()
 
-    def _abandon_writes(self) -> None:
-        """The session ends: writes still running are cancelled (their messages are requeued)."""
+    async def _abandon_writes(self) -> None:
+        """The session ends: writes still running are cancelled (their messages are requeued).
+
+        They are awaited, so that no transaction of this session is still being ended on the
+        client's side when the next session matches its redeliveries against pending rows.
+        """
         writes, self._writes = self._writes, []
-        for task in [write.task for write in writes if write.task is not None]:
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled():
+        tasks = [write.task for write in writes if write.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=ABANDON_TIMEOUT)
+        for task in tasks:
+            if task.done() and not task.cancelled():
                 task.exception()  # retrieved: the session's own error is what gets reported
 
     async def _write_and_acknowledge(

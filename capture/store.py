@@ -191,6 +191,8 @@ class PostgresStore:
                 # Before any id is taken (see queries.FENCE_CAPTURE): readers that fix a
                 # selection wait for this commit, and the rows' capture time is after theirs.
                 # Before the fence is asked for, so at or before the moment captured_at is taken.
+                if ids_taken is not None or before_commit is not None:
+                    await connection.execute(queries.BESIDE_LOCK_TIMEOUT)
                 fence_sent = time.monotonic()
                 captured_at = await connection.fetchval(queries.FENCE_CAPTURE, storable_text(vhost))
                 owner = _Owner(session_id, storable_text(vhost), captured_at)
