@@ -67,12 +67,22 @@ class _EarlierBatchFailed(Exception):
 class _Write:
     """A batch written beside the loop (VhostCapture._flush), as the batch after it sees it."""
 
-    task: "asyncio.Task[None] | None" = None
+    # Set once the task exists (it is given this object).
+    task: "asyncio.Task[None]" = field(init=False)
     # Its rows' ids are taken: the next batch may start (its ids are all higher).
     ids_taken: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set once an attempt committed; once one failed (the next batch then rolls back and follows).
-    committed: asyncio.Event = field(default_factory=asyncio.Event)
-    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    # An attempt committed, or one failed (the next batch then rolls back and follows it).
+    committed: bool = False
+    failed: bool = False
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def mark_committed(self) -> None:
+        self.committed = True
+        self.settled.set()
+
+    def mark_failed(self) -> None:
+        self.failed = True
+        self.settled.set()
 
     async def commit_or_fail(self) -> None:
         """Return when this batch committed; raise _EarlierBatchFailed when an attempt failed.
@@ -81,27 +91,10 @@ class _Write:
         meanwhile: a failed attempt lets it go at once, as the retry may have to queue for the
         fence behind a reader that waits for that transaction.
         """
-        if not self.committed.is_set() and not self.failed.is_set():
-            committed = asyncio.ensure_future(self.committed.wait())
-            failed = asyncio.ensure_future(self.failed.wait())
-            try:
-                await asyncio.wait((committed, failed), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                committed.cancel()
-                failed.cancel()
-        if self.failed.is_set():
+        await self.settled.wait()
+        if self.failed:
             # Even if a retry committed since: it took its ids after the waiting batch took its own.
             raise _EarlierBatchFailed
-
-
-def _attempt_failed(write: _Write | None) -> None:
-    """An attempt at a batch written beside the loop failed: the batch after it rolls back."""
-    if write is not None:
-        write.failed.set()
-
-
-def _done(write: _Write) -> bool:
-    return write.task is None or write.task.done()
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -458,7 +451,6 @@ class VhostCapture:
         idle_since = loop.time()
         while not self._stop.is_set():
             self._raise_if_fence_failed()
-            self._raise_if_write_failed()
             if channel.is_closed:
                 raise BrokerUnavailable(f"channel to vhost {self._vhost!r} closed")
             if cancelled():
@@ -583,20 +575,17 @@ class VhostCapture:
     def _beside_allowed(self) -> bool:
         """Whether a second batch may be taken now: exactly one write runs beside the loop (and
         none of its attempts failed: the second would only roll back)."""
-        return len(self._writes) == 1 and not _done(self._writes[0]) and not self._writes[0].failed.is_set()
+        return len(self._writes) == 1 and not self._writes[0].task.done() and not self._writes[0].failed
 
     async def _finish_writes(self) -> None:
         """Wait for the writes running beside the loop; the first failure is the session's."""
         while self._writes:
-            task = self._writes.pop(0).task
-            if task is not None:
-                await task
+            await self._writes.pop(0).task
 
     def _raise_if_write_failed(self) -> None:
-        for write in [write for write in self._writes if _done(write)]:
+        for write in [write for write in self._writes if write.task.done()]:
             self._writes.remove(write)
-            if write.task is not None:
-                write.task.result()
+            write.task.result()
 
     async def _abandon_writes(self) -> None:
         """The session ends: writes still running are cancelled (their messages are requeued).
@@ -605,7 +594,7 @@ class VhostCapture:
         client's side when the next session matches its redeliveries against pending rows.
         """
         writes, self._writes = self._writes, []
-        tasks = [write.task for write in writes if write.task is not None]
+        tasks = [write.task for write in writes]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -629,7 +618,7 @@ class VhostCapture:
         result = await self._write_until_stored(channel, batch, batch_id, write, after)
         self._health.set_database_ok(True)
         elapsed = time.perf_counter() - started
-        if after is not None and after.task is not None:
+        if after is not None:
             # The ack is multiple=True, so it covers the batch written before this one: that
             # batch is acknowledged first (its failure ends the session with this one unacked).
             await after.task
@@ -682,13 +671,15 @@ class VhostCapture:
             except _EarlierBatchFailed:
                 # Rolled back, with ids that may now be lower than the batch before's: once
                 # that batch is written and acknowledged, this one is written again after it.
-                _attempt_failed(write)
-                if after is not None and after.task is not None:
+                if write is not None:
+                    write.mark_failed()
+                if after is not None:
                     await after.task
                 after, retry = None, True
                 continue
             except DatabaseUnavailable as error:
-                _attempt_failed(write)
+                if write is not None:
+                    write.mark_failed()
                 self._health.set_database_ok(False)
                 self._metrics.errors.labels("database").inc()
                 log.warning(
@@ -703,10 +694,11 @@ class VhostCapture:
                 await asyncio.sleep(backoff.next())
                 continue
             except BaseException:
-                _attempt_failed(write)
+                if write is not None:
+                    write.mark_failed()
                 raise
             if write is not None:
-                write.committed.set()
+                write.mark_committed()
             return result
 
     def _reply_is_cheap(self, gate: ReadGate) -> bool:

@@ -283,15 +283,15 @@ class PostgresStore:
             result.pending.extend(matched)
         kept, kept_ids = prepared, ids
         if already_stored:
-            kept, kept_ids = [], None if ids is None else []
+            indexes = []
             for index, item in enumerate(prepared):
                 if item.redelivered and already_stored[item.fingerprint]:
                     already_stored[item.fingerprint] -= 1
                     result.duplicates += 1
                 else:
-                    kept.append(item)
-                    if kept_ids is not None and ids is not None:
-                        kept_ids.append(ids[index])
+                    indexes.append(index)
+            kept = [prepared[index] for index in indexes]
+            kept_ids = None if ids is None else [ids[index] for index in indexes]
         captured_at = owner.captured_at
         records = [(*item.record, captured_at) for item in kept]
         result.pending.extend([item.fingerprint for item in kept])

@@ -54,9 +54,9 @@ async def test_a_lock_wait_through_the_daemons_own_wait_times_out_and_both_batch
         try:
             await store.write_batch("/", [delivery(1, b"first")], 1, [], ids_taken=first.ids_taken)
         except BaseException:
-            first.failed.set()
+            first.mark_failed()
             raise
-        first.committed.set()
+        first.mark_committed()
 
     first_attempt = asyncio.create_task(write_first())
     await asyncio.wait_for(first_holding.wait(), 10)

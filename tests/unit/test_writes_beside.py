@@ -160,7 +160,7 @@ async def write_two_at_a_time(store: OrderedStore, channel: Channel, batches: li
         writes: list[_Write] = []
         for batch in batches:
             after = writes[-1] if writes else None
-            if len(writes) >= 2 and writes[-2].task is not None:
+            if len(writes) >= 2:
                 await asyncio.wait([writes[-2].task])
             write = _Write()
             write.task = asyncio.create_task(
@@ -172,4 +172,4 @@ async def write_two_at_a_time(store: OrderedStore, channel: Channel, batches: li
             taken = asyncio.ensure_future(write.ids_taken.wait())
             await asyncio.wait([write.task, taken], return_when=asyncio.FIRST_COMPLETED)
             taken.cancel()
-        await asyncio.gather(*(write.task for write in writes if write.task is not None))
+        await asyncio.gather(*(write.task for write in writes))
