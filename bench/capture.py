@@ -347,6 +347,20 @@ async def run(
         await database.close()
 
 
+async def drain_alone(
+    api: httpx.AsyncClient, vhost: str, database_url: str, sizes: Sizes, output: IO[bytes]
+) -> dict[str, Any]:
+    """Only the drain, in a vhost and database of its own (a further round beside the COPY baseline)."""
+    daemon = Daemon(vhost, database_url, output)
+    database = await asyncpg.connect(database_url)
+    try:
+        await prepare(api, daemon, vhost)
+        return await drain(daemon, database, vhost, sizes)
+    finally:
+        await daemon.stop()
+        await database.close()
+
+
 async def prepare(api: httpx.AsyncClient, daemon: Daemon, vhost: str) -> None:
     """Declare the benchmark exchanges; let the daemon declare its queue and bind them, then stop it."""
     topic = {"type": "topic", "durable": True}

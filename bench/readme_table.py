@@ -57,6 +57,12 @@ def ratios(measured: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " / ".join(optional(measured.get(key), lambda ratio: f"{ratio:.2f}") for key in keys)
 
 
+def bound_rounds(run: dict[str, Any]) -> str:
+    """Each pair of the COPY baseline and the drain measured right after it (older runs: none)."""
+    pairs = run["capture"]["drain"].get("bound_rounds", [])
+    return ", ".join(f"{whole(pair['copy_rows_per_s'])} → {whole(pair['drain_msg_per_s'])}" for pair in pairs)
+
+
 def drain_costs(run: dict[str, Any]) -> str:
     drain = run["capture"]["drain"]
     return f"{drain['peak_rss_mb']:.0f} / {drain['cpu_s_per_10k_msgs']:.2f}"
@@ -81,8 +87,9 @@ ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
         lambda run: whole(run["baseline"]["consumer_and_copy"]["msg_per_s"]),
     ),
     ("**capture drain**, msg/s", lambda run: whole(run["capture"]["drain"]["msg_per_s"])),
+    ("raw COPY → capture drain right after it, by round", bound_rounds),
     (
-        "÷ lesser of consumer and COPY / ÷ both at once / ÷ Java",
+        "÷ lesser of consumer and COPY (median of rounds) / ÷ both at once / ÷ Java",
         lambda run: ratios(run["capture"]["drain"], ("bound_ratio", "together_ratio", "java_ratio")),
     ),
     ("capture peak RSS, MB / CPU s per 10k msgs", drain_costs),
