@@ -98,16 +98,16 @@ async def measure(
             java_consumer = await java_baseline.optional(
                 java_baseline.consumer, vhosts["baseline"], sizes, java
             )
-            # The COPY baseline right before the drain, and further pairs of the two (bound_rounds).
-            copied = await baseline.copy(f"{POSTGRES}/{copy_database}", sizes)
-            captured = await capture.run(
-                api, vhosts["capture"], database_url, sizes, steady_rates, steady_seconds, output
-            )
+            # The COPY baseline right before the drain, each in a database of its own (dropped only
+            # after both), and further such pairs (bound_round).
+            async with scratch_database(f"bench_{tag}_copy_alone") as copy_alone_url:
+                copied = await baseline.copy(copy_alone_url, sizes)
+                captured = await capture.run(
+                    api, vhosts["capture"], database_url, sizes, steady_rates, steady_seconds, output
+                )
             pairs = [(copied["rows_per_s"], captured["drain"]["msg_per_s"])]
             for index in range(1, 1 if quick else BOUND_ROUNDS):
-                pairs.append(
-                    await bound_round(api, f"{tag}-{index}", f"{POSTGRES}/{copy_database}", sizes, output)
-                )
+                pairs.append(await bound_round(api, f"{tag}_{index}", sizes, output))
             publisher = await baseline.publisher(vhosts["baseline"], sizes)
             java_publisher = await java_baseline.optional(
                 java_baseline.publisher, vhosts["baseline"], sizes, java
@@ -168,20 +168,22 @@ async def measure(
 
 
 async def bound_round(
-    api: httpx.AsyncClient, tag: str, copy_database_url: str, sizes: Sizes, output: IO[bytes]
+    api: httpx.AsyncClient, tag: str, sizes: Sizes, output: IO[bytes]
 ) -> tuple[float, float]:
-    """One more COPY baseline and, right after it, one more capture drain (fresh vhost and database).
+    """One more COPY baseline and, right after it, one more capture drain: (COPY rows/s, drain msg/s).
 
-    Returns (COPY rows/s, drain msg/s). The state one phase leaves the broker and PostgreSQL in
-    (WAL segments to recycle, dirty pages, checkpoints under way) moves either rate by a fifth from
-    one run to the next, so the drain's share of the COPY baseline is the median of pairs measured
-    back to back rather than of one pair.
+    Each writes into a database created for it (the pair at the same moment), as the first pair
+    does: this machine's disk writes blocks never written before at a fifth of the speed of blocks
+    freed a moment ago (README, Performance), and a new database's files land wherever the file
+    system puts a new directory. Which of the two a phase gets moves its rate by up to a third, so
+    the drain's share of the COPY is the median of pairs rather than of one pair.
     """
-    copied = await baseline.copy(copy_database_url, sizes)
     async with (
         scratch_vhost(api, f"bench-{tag}-bound") as vhost,
-        scratch_database(f"bench_{tag.replace('-', '_')}_bound") as database_url,
+        scratch_database(f"bench_{tag}_bound_copy") as copy_url,
+        scratch_database(f"bench_{tag}_bound") as database_url,
     ):
+        copied = await baseline.copy(copy_url, sizes)
         drained = await capture.drain_alone(api, vhost, database_url, sizes, output)
     return copied["rows_per_s"], drained["msg_per_s"]
 
