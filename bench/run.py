@@ -114,12 +114,13 @@ async def measure(
             )
             replayed = await replay.run(vhosts["capture"], database_url, sizes, analyze, output)
             inboxed = await inbox.run(vhosts["baseline"], database_url, sizes, quick=quick)
-            # A quarter of the messages per source and target: eight of them take turns.
+            # A quarter of the messages per source and target: eight of them take turns (an eighth
+            # with --quick, which stays under a minute).
             sourced = await sources.run(
                 api,
                 source_vhosts,
                 database_url,
-                Sizes(sizes.messages // 4, sizes.body_size),
+                Sizes(sizes.messages // (8 if quick else 4), sizes.body_size),
                 output,
                 rounds=sources.QUICK_ROUNDS if quick else sources.ROUNDS,
             )
