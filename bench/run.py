@@ -144,7 +144,7 @@ async def measure(
         for (copy_rate, drain_rate), bound in zip(pairs, lesser, strict=True)
     ]
     captured["drain"]["bound_ratio"] = statistics.median(
-        drain_rate / bound for (_, drain_rate), bound in zip(pairs, lesser, strict=True)
+        pair["bound_ratio"] for pair in captured["drain"]["bound_rounds"]
     )
     for load, broker in zip(captured["steady"], broker_latency, strict=True):
         load["broker_latency"] = broker
