@@ -71,13 +71,12 @@ class _Write:
     task: "asyncio.Task[None]" = field(init=False)
     # Its rows' ids are taken: the next batch may start (its ids are all higher).
     ids_taken: asyncio.Event = field(default_factory=asyncio.Event)
-    # An attempt committed, or one failed (the next batch then rolls back and follows it).
-    committed: bool = False
+    # Set when an attempt committed, or when one failed (`failed`: the next batch then rolls
+    # back and follows it).
     failed: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark_committed(self) -> None:
-        self.committed = True
         self.settled.set()
 
     def mark_failed(self) -> None:
